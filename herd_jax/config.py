@@ -1,10 +1,59 @@
 """Typed configuration: dataclasses, layered TOML files and `key=value` overrides.
 
-(Work in progress: the sections below RewardConfig are added by the core trainer work.)
+Precedence (later wins): the dataclass defaults below (DDPO's settings for SD v1.x) <
+`configs/algorithms/<algorithm>.toml` < `--config FILE` (repeatable, e.g. configs/tiny.toml) <
+command-line `section.key=value` overrides. Unknown keys and wrong types are one-line
+`ConfigError`s that name the valid keys.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
+import tomllib
+import types
+import typing
+from typing import Any, Sequence
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or key; the message is one line meant for the user."""
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """Rollouts: DDIM sampling with eta > 0 and classifier-free guidance."""
+
+    num_steps: int = 50
+    eta: float = 1.0
+    guidance_scale: float = 5.0
+    batch_size: int = 8  # samples per rollout call, over all devices
+    num_batches_per_epoch: int = 4
+    negative_prompt: str = ""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Policy updates (DDPO defaults)."""
+
+    learning_rate: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    batch_size: int = 4  # samples per optimizer update (minibatch)
+    num_inner_epochs: int = 1
+    timestep_fraction: float = 1.0  # fraction of each trajectory's steps trained on
+    estimator: str = "is"  # "is": clipped importance sampling; "sf": score function
+    clip_range: float = 1e-4
+    adv_clip: float = 5.0
+    per_prompt_stats: bool = True
+    stats_window: int = 16
+    stats_min_count: int = 16
 
 
 @dataclasses.dataclass
@@ -23,3 +72,154 @@ class RewardConfig:
     imagereward_python: str = ""
     timeout_s: float = 300.0
     max_restarts: int = 3
+
+
+@dataclasses.dataclass
+class AlgorithmConfig:
+    """Which algorithm turns rewards into updates (see README and DESIGN.md)."""
+
+    name: str = "ddpo"
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    log_with: str = "wandb"  # wandb (offline without login), tensorboard or none
+    image_every: int = 10  # log an image grid every N epochs (0: never)
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything a run needs; saved beside each checkpoint."""
+
+    model: str = DEFAULT_MODEL  # diffusers-format SD v1.x directory, hub id, or "tiny"
+    prompts: str = "animals"  # a built-in prompt set (animals, color) or a text file, one prompt per line
+    run_dir: str = ""  # default: runs/<timestamp>
+    seed: int = 0
+    num_epochs: int = 100
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Checks (and where lossless, converts) a value to the field's type."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(typ) is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, list):
+            return [_coerce(v, item, key) for v in value]
+    else:
+        raise TypeError(f"unsupported config type {typ} for {key}")
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key} must be {name}, got {value!r}")
+
+
+def _merge(cls: type, base: Any, updates: dict[str, Any], prefix: str = "") -> Any:
+    """Returns a copy of dataclass `base` with `updates` (a nested dict) applied and type-checked."""
+    fields = _fields(cls)
+    changes = {}
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            valid = ", ".join(f"{prefix}{k}" for k in fields)
+            raise ConfigError(f"unknown config key {path!r}; valid keys: {valid}")
+        typ = fields[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} is a section; set its keys as {path}.KEY=VALUE")
+            changes[key] = _merge(typ, getattr(base, key), value, f"{path}.")
+        else:
+            changes[key] = _coerce(value, typ, path)
+    return dataclasses.replace(base, **changes)
+
+
+def nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": v} -> {"a": {"b": v}}."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _parse_override(text: str | dict[str, Any]) -> dict[str, Any]:
+    """`a.b=value` -> {"a": {"b": value}}; the value is read as TOML, else taken as a string."""
+    if isinstance(text, dict):
+        return text
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. train.learning_rate=3e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return nested({key.strip(): value})
+
+
+def read_toml(path: str | pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"cannot parse {path}: {e}") from None
+
+
+def algorithm_file(name: str) -> pathlib.Path:
+    return CONFIG_DIR / "algorithms" / f"{name}.toml"
+
+
+def load_config(files: Sequence[str] = (), overrides: Sequence[str | dict[str, Any]] = ()) -> Config:
+    """Builds a Config: defaults, the algorithm's file, `files` in order, then `overrides`.
+
+    Overrides are `section.key=value` strings or nested dicts.
+    """
+    layers = [read_toml(f) for f in files] + [_parse_override(o) for o in overrides]
+    cfg = Config()
+    for layer in layers:
+        cfg = _merge(Config, cfg, layer)
+    # The algorithm may be chosen by any layer; its own file goes under all of them.
+    algorithm = algorithm_file(cfg.algorithm.name)
+    if algorithm.is_file():
+        cfg = Config()
+        for layer in [read_toml(algorithm)] + layers:
+            cfg = _merge(Config, cfg, layer)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (JSON scalars are valid TOML for str/int/float/bool/lists)."""
+    top, sections = [], []
+    for key, value in to_dict(cfg).items():
+        if isinstance(value, dict):
+            sections.append(f"\n[{key}]")
+            sections += [f"{k} = {json.dumps(v)}" for k, v in value.items()]
+        else:
+            top.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(top + sections) + "\n"
