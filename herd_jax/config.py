@@ -64,6 +64,7 @@ class RewardConfig:
     # aesthetic: CLIP ViT-L/14 (diffusers/transformers directory or hub id) + LAION MLP head (.pth).
     aesthetic_clip: str = "openai/clip-vit-large-patch14"
     aesthetic_head: str = ""
+    batch_size: int = 32  # images per forward pass of a model-based reward (aesthetic)
     # imagereward: checkpoint (local ImageReward.pt or hub name), its med_config.json, a local BERT vocab
     # directory (offline), and the python of the environment built by install_image_reward.sh.
     imagereward_checkpoint: str = "ImageReward-v1.0"
