@@ -37,6 +37,7 @@ REWARDS: dict[str, Callable[[Any], Reward]] = {
     "jpeg_incompressibility": _lazy("jpeg", "jpeg_incompressibility"),
     "color": _lazy("color", "color"),
     "aesthetic": _lazy("aesthetic", "aesthetic"),
+    "imagereward": _lazy("imagereward", "imagereward"),
 }
 
 
