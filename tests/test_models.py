@@ -33,11 +33,9 @@ def tiny_path() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def sd(tiny_path) -> StableDiffusion:
-    start = time.perf_counter()
-    model = load_pipeline("tiny")
-    print(f"load_pipeline('tiny'): {time.perf_counter() - start:.2f}s")
-    return model
+def sd(tiny_path, tiny_sd) -> StableDiffusion:
+    """conftest's session-wide `load_pipeline("tiny")`."""
+    return tiny_sd
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +111,10 @@ def test_bin_weights_load_like_safetensors(sd, tiny_path, tmp_path):
     assert not list(bin_dir.rglob("*.safetensors"))
     assert (bin_dir / "unet/diffusion_pytorch_model.bin").is_file()
     assert (bin_dir / "text_encoder/pytorch_model.bin").is_file()
-    assert _trees_equal(load_pipeline(bin_dir).params, sd.params)
+    start = time.perf_counter()
+    from_bin = load_pipeline(bin_dir)
+    print(f"load_pipeline(tiny .bin copy): {time.perf_counter() - start:.2f}s")
+    assert _trees_equal(from_bin.params, sd.params)
 
 
 def test_flax_msgpack_weights_load(sd, tiny_path, tmp_path):
