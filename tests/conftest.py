@@ -20,3 +20,21 @@ os.environ.setdefault("HERD_JAX_CACHE", str(REPO / ".cache" / "herd_jax"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd():
+    """The embedded tiny SD, loaded once per test session through the real loader."""
+    from herd_jax.models import load_pipeline
+
+    return load_pipeline("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_sd):
+    """A 4-step DDIM policy on the tiny model (fixed shapes shared by the rollout tests)."""
+    from herd_jax.diffusion import make_policy
+
+    return make_policy(tiny_sd, num_steps=4, eta=1.0, guidance_scale=5.0)

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""herd-jax training CLI: parse flags, build the config, run, map errors to exit codes.
+
+Examples:
+  python train.py --config configs/tiny.toml                      # embedded tiny model, offline
+  python train.py --model ./sd-v1-5 --reward_model jpeg_compressibility train.learning_rate=3e-5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus exit code 2), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    from herd_jax import config as config_lib
+    from herd_jax.metrics import LOGGERS
+    from herd_jax.prompts import builtin_sets
+    from herd_jax.rewards import reward_names
+    from herd_jax.trainer import ALGORITHMS
+
+    p = _Parser(
+        prog="train.py",
+        description="Fine-tune Stable Diffusion v1.x with reinforcement learning (JAX/Flax).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "overrides:\n"
+            "  Any config key can be set as SECTION.KEY=VALUE after the flags, e.g.\n"
+            "    sample.batch_size=8 sample.num_steps=20 train.learning_rate=3e-5 num_epochs=50\n"
+            "  Sections: sample, train, reward, algorithm, logging. Precedence: built-in defaults <\n"
+            "  configs/algorithms/<algorithm>.toml < --config files < flags < overrides.\n\n"
+            "algorithms:\n"
+            "  ddpo   DDPO (Black et al. 2023): per-prompt normalised advantages, clipped importance\n"
+            "         ratio (train.estimator=is) or score function (train.estimator=sf).\n\n"
+            "examples:\n"
+            "  python train.py --config configs/tiny.toml          # embedded tiny model, offline, minutes on CPU\n"
+            "  python train.py --model /models/sd-v1-5 --reward_model jpeg_compressibility --log_with tensorboard\n"
+        ),
+    )
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="TOML config file; repeatable, later files win (e.g. configs/tiny.toml)")
+    p.add_argument("--model", help=f"diffusers-format SD v1.x directory, hub id, or 'tiny' for the embedded tiny random model (default: {config_lib.DEFAULT_MODEL})")
+    p.add_argument("--reward_model", choices=reward_names(), help="reward that scores the images (config reward.name)")
+    p.add_argument("--algorithm", choices=ALGORITHMS, help="RL algorithm (config algorithm.name)")
+    p.add_argument("--log_with", choices=LOGGERS, help="wandb (offline without login or network), tensorboard, or none (config logging.log_with)")
+    p.add_argument("--prompts", help=f"built-in prompt set ({', '.join(builtin_sets())}) or a text file with one prompt per line")
+    p.add_argument("--run_dir", help="where logs go (default runs/<date-time>)")
+    p.add_argument("--num_epochs", type=int, help="epochs to train (config num_epochs)")
+    p.add_argument("--seed", type=int, help="random seed (config seed)")
+    p.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides (see below)")
+    return p
+
+
+def resolve_config(args: argparse.Namespace):
+    from herd_jax import config as config_lib
+
+    flags = {
+        "model": args.model,
+        "reward.name": args.reward_model,
+        "algorithm.name": args.algorithm,
+        "logging.log_with": args.log_with,
+        "prompts": args.prompts,
+        "run_dir": args.run_dir,
+        "num_epochs": args.num_epochs,
+        "seed": args.seed,
+    }
+    flag_overrides = [config_lib.nested({k: v}) for k, v in flags.items() if v is not None]
+    cfg = config_lib.load_config(args.config, flag_overrides + list(args.overrides))
+    if not cfg.run_dir:
+        cfg.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    from herd_jax.errors import quiet_libraries, user_errors
+
+    quiet_libraries()
+    args = parser().parse_args(argv)
+    try:
+        from herd_jax import config as config_lib
+        from herd_jax.trainer import train_and_evaluate
+
+        cfg = resolve_config(args)
+        print(config_lib.to_toml(cfg), end="", flush=True)
+        if args.print_config:
+            return 0
+        train_and_evaluate(cfg)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
