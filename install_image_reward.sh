@@ -20,7 +20,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ENV_DIR="${1:-$REPO/.venv-imagereward}"
+ENV_DIR="$(realpath -m "${1:-$REPO/.venv-imagereward}")"
 VARIANT="${IMAGE_REWARD_TORCH:-auto}"
 if [[ "$VARIANT" == auto ]]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then

@@ -10,6 +10,7 @@ Weights: a local ``ImageReward.pt`` with its ``med_config.json`` (default: the o
 checkpoint) and a local BERT vocab directory (``reward.imagereward_bert``, for offline use), or
 the package's own hub download of ``ImageReward-v1.0`` when online.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,9 @@ def find_python(configured: str = "") -> str:
     explicit = configured or os.environ.get(PYTHON_ENV_VAR, "")
     if explicit:
         if not os.path.isfile(explicit):
-            raise RewardError(f"imagereward: python {explicit!r} does not exist; build it with ./install_image_reward.sh")
+            raise RewardError(
+                f"imagereward: python {explicit!r} does not exist; build it with ./install_image_reward.sh"
+            )
         return explicit
     bindir = "Scripts" if sys.platform == "win32" else "bin"
     for root in (Path(__file__).resolve().parents[2], Path.cwd()):
@@ -72,8 +75,13 @@ class ImageRewardScorer:
         if cfg.imagereward_bert:
             args += ["--bert", _local(cfg.imagereward_bert)]
         self.sidecar = Sidecar(
-            WORKER, args, python=find_python(cfg.imagereward_python), timeout_s=cfg.timeout_s,
-            max_restarts=cfg.max_restarts, name=self.name, log_path=log_path,
+            WORKER,
+            args,
+            python=find_python(cfg.imagereward_python),
+            timeout_s=cfg.timeout_s,
+            max_restarts=cfg.max_restarts,
+            name=self.name,
+            log_path=log_path,
         )
         self.sidecar.start()
 

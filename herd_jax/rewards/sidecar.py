@@ -27,6 +27,7 @@ deterministic, so restarting would only repeat it.
 Waiting on the pipes (``selectors`` + ``os.read``/``os.write``) releases the GIL, so a trainer
 thread can block here while the main thread keeps sampling.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -131,7 +132,7 @@ def serve(worker_path: str, args: list[str]) -> int:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         scorer: Callable[[np.ndarray, list[str]], np.ndarray] = module.load(list(args))
-    except Exception as exc:  # reported to the parent as one line; the traceback goes to the log
+    except (Exception, SystemExit) as exc:  # one line to the parent; the traceback to the log
         import traceback
 
         traceback.print_exc()
@@ -150,7 +151,9 @@ def serve(worker_path: str, args: list[str]) -> int:
             images = np.frombuffer(blob, dtype=np.uint8).reshape(meta["shape"])
             scores = np.asarray(scorer(images, list(meta["prompts"])), dtype="<f4").reshape(-1)
             if scores.shape[0] != images.shape[0]:
-                raise ValueError(f"scorer returned {scores.shape[0]} scores for {images.shape[0]} images")
+                raise ValueError(
+                    f"scorer returned {scores.shape[0]} scores for {images.shape[0]} images"
+                )
         except Exception as exc:
             import traceback
 
@@ -181,7 +184,11 @@ class _Process:
             log.flush()
             self.log_offset = log.tell()
             self.popen = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
                 start_new_session=True,  # a Ctrl-C in the trainer's terminal is the trainer's to handle
             )
         os.set_blocking(self.popen.stdin.fileno(), False)
@@ -307,11 +314,19 @@ class Sidecar:
         env: dict[str, str] | None = None,
     ):
         if timeout_s <= 0 or max_restarts < 0:
-            raise _reward_error(f"{name}: need timeout_s > 0 and max_restarts >= 0, got {timeout_s}, {max_restarts}")
+            raise _reward_error(
+                f"{name}: need timeout_s > 0 and max_restarts >= 0, got {timeout_s}, {max_restarts}"
+            )
         self.name = name
         self.timeout_s = float(timeout_s)
         self.max_restarts = int(max_restarts)
-        self._cmd = [str(python), "-I", str(Path(__file__).resolve()), str(Path(worker).resolve()), *map(str, args)]
+        self._cmd = [
+            str(python),
+            "-I",
+            str(Path(__file__).resolve()),
+            str(Path(worker).resolve()),
+            *map(str, args),
+        ]
         self._env = env
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix=f"herd_jax-{name}-", suffix=".log")
@@ -339,7 +354,7 @@ class Sidecar:
     def restart(self) -> None:
         """Stops the worker (if any) and starts a fresh one."""
         with self._lock:
-            self._discard(kill=False)
+            self._discard()
             self._with_retries(lambda proc: None)
 
     def close(self) -> None:
@@ -360,14 +375,18 @@ class Sidecar:
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """Scores a batch: ``uint8[B,H,W,3]``, B prompts -> ``float32[B]`` (restarting on crashes)."""
         images = np.ascontiguousarray(images, dtype=np.uint8)
-        request = encode_frame({"op": "score", "shape": list(images.shape), "prompts": list(prompts)}, images.tobytes())
+        request = encode_frame(
+            {"op": "score", "shape": list(images.shape), "prompts": list(prompts)}, images.tobytes()
+        )
 
         def exchange(proc: _Process) -> np.ndarray:
             deadline = time.monotonic() + self.timeout_s
             proc.write_all(request, deadline)
             meta, blob = proc.read_frame(deadline)
             if not meta.get("ok"):
-                raise _reward_error(f"{self.name}: worker failed to score the batch: {meta.get('error')} (log: {self.log_path})")
+                raise _reward_error(
+                    f"{self.name}: worker failed to score the batch: {meta.get('error')} (log: {self.log_path})"
+                )
             return np.frombuffer(blob, dtype="<f4").astype(np.float32).reshape(meta["shape"])
 
         with self._lock:
@@ -379,20 +398,24 @@ class Sidecar:
         try:
             proc = _Process(self._cmd, self.log_path, self._env)
         except OSError as exc:  # no such interpreter, not executable: restarting will not help
-            raise _reward_error(f"{self.name}: cannot run {self._cmd[0]}: {_one_line(exc)}") from exc
+            raise _reward_error(
+                f"{self.name}: cannot run {self._cmd[0]}: {_one_line(exc)}"
+            ) from exc
         self._holder[0] = proc
         meta, _ = proc.read_frame(time.monotonic() + self.timeout_s)
         if not meta.get("ready"):
             error = meta.get("error", meta)
             proc.stop()
             self._holder[0] = None
-            raise _reward_error(f"{self.name}: worker could not start: {error} (log: {self.log_path})")
+            raise _reward_error(
+                f"{self.name}: worker could not start: {error} (log: {self.log_path})"
+            )
         return proc
 
-    def _discard(self, kill: bool) -> None:
+    def _discard(self) -> None:
         proc, self._holder[0] = self._holder[0], None
         if proc is not None:
-            proc.kill() if kill else proc.stop()
+            proc.stop()
 
     def _with_retries(self, step: Callable[[_Process], Any]) -> Any:
         """Runs ``step`` on a live worker, restarting it after a crash/timeout (up to the limit)."""
@@ -427,7 +450,9 @@ class Sidecar:
                         f"(last: {cause}); giving up. Log {self.log_path}, last lines: {last}"
                     ) from exc
                 with open(self.log_path, "ab") as log:
-                    log.write(f"--- failure {self._failures}/{self.max_restarts}: {cause}; restarting\n".encode())
+                    log.write(
+                        f"--- failure {self._failures}/{self.max_restarts}: {cause}; restarting\n".encode()
+                    )
 
 
 def main(argv: Sequence[str]) -> int:
