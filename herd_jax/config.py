@@ -83,9 +83,50 @@ class AlgorithmConfig:
 
 
 @dataclasses.dataclass
+class DdpgConfig:
+    """`ddpg` (the original HERD code's name): off-policy DDPO with an ε-greedy behaviour policy."""
+
+    epsilon: float = 0.2  # probability that an epoch's samples come from the frozen pretrained UNet
+
+
+@dataclasses.dataclass
+class HerdConfig:
+    """`herd`: DDPO updates fed by a replay buffer of fresh trajectories plus hindsight copies."""
+
+    goal_strategy: str = "best"  # sentence | best | random: how a copy's new goal c' is chosen
+    copies: int = 1  # hindsight copies per fresh trajectory
+    best_candidates: int = 8  # `best`: candidate goals scored per image (reward queries each)
+    capacity: int = 256  # buffer size in trajectories
+    keep_epochs: int = 1  # iterations the buffer keeps (the original kept 1; its paper's "b2" kept 2)
+    replay_ratio: float = 1.0  # replayed samples per fresh sample in each update batch
+    correction: str = "recompute"  # recompute: log π_old re-evaluated under c' (ratio starts at 1); behaviour: keep log π(·|c)
+
+
+@dataclasses.dataclass
+class DpokConfig:
+    """`dpok`: KL-regularised policy gradient with a value baseline (Fan et al. 2023)."""
+
+    reward_weight: float = 10.0  # α
+    kl_weight: float = 0.01  # β
+    clip_range: float = 1e-4  # ε of the clamped ratio
+    buffer_transitions: int = 1000  # FIFO size in transitions (trajectories = this / sample.num_steps)
+    value_learning_rate: float = 1e-4
+    value_hidden: int = 256
+
+
+@dataclasses.dataclass
 class LoggingConfig:
     log_with: str = "wandb"  # wandb (offline without login), tensorboard or none
     image_every: int = 10  # log an image grid every N epochs (0: never)
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """Orbax checkpoints of the whole TrainState in run_dir/checkpoints (see herd_jax/checkpoint.py)."""
+
+    save_every: int = 10  # save every N epochs and at the end (0: no checkpoints)
+    keep: int = 3  # keep the newest K checkpoints
+    async_save: bool = True  # write in a background thread while training goes on
 
 
 @dataclasses.dataclass
@@ -101,7 +142,11 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    ddpg: DdpgConfig = dataclasses.field(default_factory=DdpgConfig)
+    herd: HerdConfig = dataclasses.field(default_factory=HerdConfig)
+    dpok: DpokConfig = dataclasses.field(default_factory=DpokConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
 
 def _fields(cls: type) -> dict[str, Any]:
@@ -192,12 +237,13 @@ def algorithm_file(name: str) -> pathlib.Path:
     return CONFIG_DIR / "algorithms" / f"{name}.toml"
 
 
-def load_config(files: Sequence[str] = (), overrides: Sequence[str | dict[str, Any]] = ()) -> Config:
+def load_config(files: Sequence[str | dict[str, Any]] = (), overrides: Sequence[str | dict[str, Any]] = ()) -> Config:
     """Builds a Config: defaults, the algorithm's file, `files` in order, then `overrides`.
 
-    Overrides are `section.key=value` strings or nested dicts.
+    `files` are TOML paths or nested dicts (e.g. a checkpoint's saved config, see
+    herd_jax/checkpoint.py). Overrides are `section.key=value` strings or nested dicts.
     """
-    layers = [read_toml(f) for f in files] + [_parse_override(o) for o in overrides]
+    layers = [dict(f) if isinstance(f, dict) else read_toml(f) for f in files] + [_parse_override(o) for o in overrides]
     cfg = Config()
     for layer in layers:
         cfg = _merge(Config, cfg, layer)
@@ -224,3 +270,63 @@ def to_toml(cfg: Config) -> str:
         else:
             top.append(f"{key} = {json.dumps(value)}")
     return "\n".join(top + sections) + "\n"
+
+
+_BASE_HEADER = """\
+# Every config key with its built-in default, generated from herd_jax/config.py:
+#   python -m herd_jax.config > configs/base.toml      (tests/test_checkpoint.py checks it is in sync)
+# A reference, not a starting point: put only the keys you change in your own file. A key set in a
+# --config file overrides configs/algorithms/<algorithm.name>.toml, so copying this whole file would
+# hide an algorithm's own settings. Precedence: defaults < algorithm file < --config files < flags <
+# section.key=value overrides."""
+
+
+def _key_comments(cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in a dataclass's source."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    (node,) = ast.parse(source).body
+    return {
+        field.target.id: comments[field.end_lineno]
+        for field in node.body
+        if isinstance(field, ast.AnnAssign) and field.end_lineno in comments
+    }
+
+
+def documented_toml(cfg: Config | None = None) -> str:
+    """`cfg` (default: the built-in defaults) as TOML, with each section's docstring and each key's comment."""
+    cfg = Config() if cfg is None else cfg
+
+    def lines(obj: Any) -> list[str]:
+        comments = _key_comments(type(obj))
+        out = []
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                continue
+            line = f"{f.name} = {json.dumps(value)}"
+            out.append(f"{line}  # {comments[f.name]}" if f.name in comments else line)
+        return out
+
+    text = [_BASE_HEADER, "", *lines(cfg)]
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            doc = (type(section).__doc__ or "").strip().splitlines()
+            doc = [] if doc and doc[0].startswith(f"{type(section).__name__}(") else doc  # dataclass's generated one
+            text += ["", *(f"# {line}" for line in doc[:1]), f"[{f.name}]", *lines(section)]
+    return "\n".join(text) + "\n"
+
+
+if __name__ == "__main__":
+    print(documented_toml(), end="")

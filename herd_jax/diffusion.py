@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Params = Any
 MIN_STD = 1e-6
@@ -202,6 +201,18 @@ class Policy:
         mean, std = ddim_mean_std(out, x_t, t, prev_t, self.schedule, self.eta, self.prediction_type)
         std = jnp.broadcast_to(std, (x_t.shape[0],) + (1,) * (x_t.ndim - 1))
         return gaussian_log_prob(x_prev, mean, std), mean, std
+
+    def trajectory_log_probs(self, unet_params: Params, latents: jax.Array, cond: jax.Array, uncond: jax.Array) -> jax.Array:
+        """log π_θ of every stored step of trajectories latents [B, T+1, ...] under goals `cond`: f32[B, T]."""
+
+        def step(_, inputs):
+            x_t, x_prev, t = inputs
+            log_prob, _, _ = self.transition_log_prob(unet_params, x_t, x_prev, jnp.full((x_t.shape[0],), t), cond, uncond)
+            return None, log_prob
+
+        steps = (jnp.moveaxis(latents[:, :-1], 1, 0), jnp.moveaxis(latents[:, 1:], 1, 0), self.schedule.timesteps)
+        _, log_probs = jax.lax.scan(step, None, steps)
+        return log_probs.T
 
 
 def make_policy(sd: Any, *, num_steps: int, eta: float, guidance_scale: float) -> Policy:

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import pathlib
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -22,8 +22,8 @@ import optax
 import tqdm
 
 from herd_jax import config as config_lib
-from herd_jax import parallel, stats
-from herd_jax.algorithms import ddpo
+from herd_jax import parallel, replay, stats
+from herd_jax.algorithms import ddpg, ddpo, dpok, herd
 from herd_jax.diffusion import Policy, Trajectory, make_policy
 from herd_jax.prompts import load_prompts
 from herd_jax.train_step import TrainBatch, make_optimizer, train_on_batch
@@ -39,7 +39,10 @@ class TrainState:
     params: Params  # trainable UNet params
     opt_state: optax.OptState
     rng: jax.Array  # uint32[2]  root key; epoch keys are fold_in(rng, step)
-    stats: stats.PromptStats
+    stats: stats.PromptStats  # per-goal reward windows
+    reward_queries: jax.Array  # int32[]  reward-model calls so far (fresh + relabeled)
+    buffer: replay.ReplayBuffer | None = None  # herd: fresh + hindsight trajectories; dpok: FIFO
+    value: dict[str, Any] | None = None  # dpok: {"params", "opt_state"} of the value network
 
 
 @dataclasses.dataclass
@@ -47,13 +50,14 @@ class Setup:
     """What the loop needs besides the state: models, frozen params, compiled functions, edges."""
 
     cfg: config_lib.Config
-    prompts: list[str]
+    prompts: list[str]  # the prompt set rollouts sample from (goal ids 0..P-1)
+    goals: list[str]  # prompts, then hindsight-only goals (herd `sentence`); ids index this list
+    sentence_ids: list[list[int]]  # herd `sentence`: each prompt's sentence goal ids
     mesh: jax.sharding.Mesh
     policy: Policy
-    frozen: dict[str, Params]  # vae params, prompt embeddings, negative embedding
+    frozen: dict[str, Params]  # vae, goal embeddings, negative embedding, pretrained UNet (ddpg/dpok)
     rollout: Callable[..., Trajectory]
-    advantages: Callable[..., tuple[stats.PromptStats, jax.Array]]
-    update: Callable[..., tuple[Params, optax.OptState, dict[str, jax.Array]]]
+    steps: dict[str, Callable[..., Any]]  # jitted pure functions, by name
     reward: Any
     logger: Any
 
@@ -92,19 +96,63 @@ def validate(cfg: config_lib.Config, num_devices: int) -> None:
     require(samples % t.batch_size == 0, f"samples per epoch ({samples}) must be a multiple of train.batch_size ({t.batch_size})")
     for key, value in [("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size)]:
         require(value % num_devices == 0, f"{key}={value} must be a multiple of the number of devices ({num_devices})")
+    require(0 <= cfg.ddpg.epsilon <= 1, f"ddpg.epsilon must be in [0, 1], got {cfg.ddpg.epsilon}")
+    h = cfg.herd
+    choice(h.goal_strategy, herd.STRATEGIES, "herd.goal_strategy")
+    choice(h.correction, herd.CORRECTIONS, "herd.correction")
+    for key, value in [("herd.copies", h.copies), ("herd.best_candidates", h.best_candidates), ("herd.capacity", h.capacity), ("herd.keep_epochs", h.keep_epochs)]:
+        require(value > 0, f"{key} must be positive, got {value}")
+    if cfg.algorithm.name == "herd":
+        replayed = num_replayed(cfg)
+        require(replayed >= 0 and replayed == samples * h.replay_ratio, f"herd.replay_ratio × samples per epoch ({samples}) must be a whole number ≥ 0, got {h.replay_ratio}")
+        require((samples + replayed) % t.batch_size == 0, f"fresh + replayed samples ({samples} + {replayed}) must be a multiple of train.batch_size ({t.batch_size})")
+        require(h.capacity % num_devices == 0, f"herd.capacity={h.capacity} must be a multiple of the number of devices ({num_devices})")
+    if cfg.algorithm.name == "dpok":
+        require(cfg.dpok.buffer_transitions >= samples * s.num_steps, f"dpok.buffer_transitions must hold at least one epoch ({samples * s.num_steps} transitions)")
 
 
-ALGORITHMS = ("ddpo",)
+ALGORITHMS = ("herd", "ddpg", "ddpo", "dpok")
 
 
-def init_state(cfg: config_lib.Config, unet_params: Params, optimizer: optax.GradientTransformation, num_prompts: int) -> TrainState:
+def num_replayed(cfg: config_lib.Config) -> int:
+    """herd: replayed samples added to each update batch."""
+    return int(round(cfg.sample.batch_size * cfg.sample.num_batches_per_epoch * cfg.herd.replay_ratio))
+
+
+def dpok_capacity(cfg: config_lib.Config) -> int:
+    return cfg.dpok.buffer_transitions // cfg.sample.num_steps
+
+
+def init_state(
+    cfg: config_lib.Config,
+    unet_params: Params,
+    optimizer: optax.GradientTransformation,
+    num_goals: int,
+    replay_item: dict[str, jax.ShapeDtypeStruct] | None = None,
+    value: dict[str, Any] | None = None,
+) -> TrainState:
+    buffer = None
+    if cfg.algorithm.name in ("herd", "dpok"):
+        capacity = cfg.herd.capacity if cfg.algorithm.name == "herd" else dpok_capacity(cfg)
+        buffer = replay.init(replay_item, capacity)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=unet_params,
         opt_state=optimizer.init(unet_params),
         rng=jax.random.PRNGKey(cfg.seed),
-        stats=stats.init(num_prompts, cfg.train.stats_window),
+        stats=stats.init(num_goals, cfg.train.stats_window),
+        reward_queries=jnp.zeros((), jnp.int32),
+        buffer=buffer,
+        value=value,
     )
+
+
+def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """Replicated everywhere except the replay buffer, whose capacity axis is split over `data`."""
+    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+    if state.buffer is not None:
+        shardings = shardings.replace(buffer=replay.shardings(state.buffer, mesh))
+    return shardings
 
 
 def encode_prompts(sd: Any, prompts: list[str], negative_prompt: str) -> dict[str, jax.Array]:
@@ -140,17 +188,34 @@ def build(cfg: config_lib.Config) -> tuple[Setup, TrainState]:
     mesh = parallel.make_mesh()
     validate(cfg, mesh.shape[parallel.DATA_AXIS])
     prompts = load_prompts(cfg.prompts)
+    name = cfg.algorithm.name
+    goals, sentence_ids = herd.build_goals(prompts, cfg.herd.goal_strategy if name == "herd" else "")
     sd = load_pipeline(cfg.model)
     policy = make_policy(sd, num_steps=cfg.sample.num_steps, eta=cfg.sample.eta, guidance_scale=cfg.sample.guidance_scale)
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
-    frozen = parallel.replicate({"vae": sd.params["vae"], **encode_prompts(sd, prompts, cfg.sample.negative_prompt)}, mesh)
+    frozen = {"vae": sd.params["vae"], **encode_prompts(sd, goals, cfg.sample.negative_prompt)}
+    if name in ("ddpg", "dpok"):
+        frozen["pretrained"] = sd.params["unet"]
+    frozen = parallel.replicate(frozen, mesh)
+    if "pretrained" in frozen:  # its own buffers: the trainable copy is donated to each update
+        frozen["pretrained"] = jax.tree.map(jnp.copy, frozen["pretrained"])
 
     t = cfg.train
     optimizer = make_optimizer(
         t.learning_rate, b1=t.adam_beta1, b2=t.adam_beta2, eps=t.adam_eps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm
     )
-    loss_fn = ddpo.make_loss(policy, estimator=t.estimator, clip_range=t.clip_range, adv_clip=t.adv_clip)
+    steps: dict[str, Callable[..., Any]] = {}
+    value = None
+    if name == "dpok":
+        network = dpok.ValueNetwork(cfg.dpok.value_hidden)
+        value_optimizer = optax.adam(cfg.dpok.value_learning_rate)
+        value_params = dpok.init_value(network, jax.random.PRNGKey(cfg.seed + 1), policy.latent_shape, frozen["prompt_embeds"].shape[1:])
+        value = {"params": value_params, "opt_state": value_optimizer.init(value_params)}
+        loss_fn = dpok.make_loss(policy, network, reward_weight=cfg.dpok.reward_weight, kl_weight=cfg.dpok.kl_weight, clip_range=cfg.dpok.clip_range)
+        steps["value_update"] = jax.jit(functools.partial(dpok.value_update, network, value_optimizer))
+    else:
+        loss_fn = ddpo.make_loss(policy, estimator=t.estimator, clip_range=t.clip_range, adv_clip=t.adv_clip)
     update = functools.partial(
         train_on_batch,
         loss_fn,
@@ -160,42 +225,78 @@ def build(cfg: config_lib.Config) -> tuple[Setup, TrainState]:
         num_train_timesteps=max(1, int(cfg.sample.num_steps * t.timestep_fraction)),
         mesh=mesh,
     )
+    steps["update"] = jax.jit(
+        update,
+        in_shardings=(replicated, replicated, replicated, sharded, replicated, replicated),
+        out_shardings=replicated,
+        donate_argnums=(0, 1),
+    )
+    steps["update_stats"] = jax.jit(stats.update, out_shardings=replicated)
+    steps["advantages"] = jax.jit(
+        functools.partial(stats.advantages, min_count=t.stats_min_count, per_prompt=t.per_prompt_stats), out_shardings=sharded
+    )
 
-    def advantages(prompt_stats, prompt_ids, rewards):
-        prompt_stats = stats.update(prompt_stats, prompt_ids, rewards)
-        adv = stats.advantages(prompt_stats, prompt_ids, rewards, min_count=t.stats_min_count, per_prompt=t.per_prompt_stats)
-        return prompt_stats, adv
+    samples = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
+    item = jax.eval_shape(
+        lambda: herd.trajectory_item(
+            jnp.zeros((samples, cfg.sample.num_steps + 1, *policy.latent_shape)),
+            jnp.zeros((samples, cfg.sample.num_steps)),
+            jnp.zeros((samples,), jnp.int32),
+            frozen["prompt_embeds"][jnp.zeros((samples,), jnp.int32)],
+            jnp.zeros((samples,)),
+        )
+    )
+    item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), item)
+    state = init_state(cfg, sd.params["unet"], optimizer, len(goals), item, value)
+    state = jax.device_put(state, state_shardings(state, mesh))
+    if name == "herd":
+        buffer_sharding = replay.shardings(state.buffer, mesh)
+        steps["herd_replay"] = jax.jit(
+            functools.partial(
+                herd.replay_step,
+                policy,
+                copies=cfg.herd.copies,
+                keep_epochs=cfg.herd.keep_epochs,
+                num_replay=num_replayed(cfg),
+                recompute=cfg.herd.correction == "recompute",
+            ),
+            out_shardings=(buffer_sharding, replicated, replicated),
+        )
+    if name in ("herd", "dpok"):
+        steps["store_fresh"] = jax.jit(herd.store_fresh, out_shardings=replay.shardings(state.buffer, mesh))
+        steps["sample_buffer"] = jax.jit(replay.sample, static_argnums=2)
 
-    state = parallel.replicate(init_state(cfg, sd.params["unet"], optimizer, len(prompts)), mesh)
     run_dir = pathlib.Path(cfg.run_dir)
     setup = Setup(
         cfg=cfg,
         prompts=prompts,
+        goals=goals,
+        sentence_ids=sentence_ids,
         mesh=mesh,
         policy=policy,
         frozen=frozen,
         rollout=make_rollout(policy, mesh),
-        advantages=jax.jit(advantages, out_shardings=(replicated, sharded)),
-        update=jax.jit(
-            update,
-            in_shardings=(replicated, replicated, replicated, sharded, replicated, replicated),
-            out_shardings=replicated,
-            donate_argnums=(0, 1),
-        ),
+        steps=steps,
         reward=make_reward(cfg.reward),
         logger=make_logger(cfg.logging.log_with, run_dir, config=config_lib.to_dict(cfg), run_name=run_dir.name),
     )
     return setup, state
 
 
-def collect_rollouts(setup: Setup, params: Params, key: jax.Array) -> tuple[Trajectory, jax.Array, np.ndarray]:
+def score(setup: Setup, images: np.ndarray, goal_ids: Sequence[int]) -> np.ndarray:
+    """Reward of images under goals (one reward query per image); NaN/inf is a one-line error."""
+    from herd_jax.rewards import check_finite
+
+    texts = [setup.goals[g] for g in goal_ids]
+    return check_finite(setup.reward(np.asarray(images), texts), texts)
+
+
+def collect_rollouts(setup: Setup, params: Params, key: jax.Array) -> tuple[Trajectory, np.ndarray, np.ndarray]:
     """Samples the epoch's batches; scoring batch i (in a worker thread) overlaps sampling batch i+1.
 
     Returns:
       (trajectories concatenated over batches, prompt ids int32[N], rewards f32[N] on the host).
     """
-    from herd_jax.rewards import check_finite
-
     cfg = setup.cfg.sample
     trajectories, prompt_ids, futures = [], [], []
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -203,8 +304,7 @@ def collect_rollouts(setup: Setup, params: Params, key: jax.Array) -> tuple[Traj
             prompt_key, sample_key = jax.random.split(jax.random.fold_in(key, i))
             ids = np.asarray(jax.random.randint(prompt_key, (cfg.batch_size,), 0, len(setup.prompts)), np.int32)
             trajectory = setup.rollout(params, setup.frozen, parallel.shard_batch(ids, setup.mesh), sample_key)
-            texts = [setup.prompts[j] for j in ids]
-            futures.append(pool.submit(lambda images, texts: check_finite(setup.reward(np.asarray(images), texts), texts), trajectory.images, texts))
+            futures.append(pool.submit(score, setup, trajectory.images, ids))
             trajectories.append(trajectory)
             prompt_ids.append(ids)
         rewards = np.concatenate([f.result() for f in futures]).astype(np.float32)
@@ -228,27 +328,87 @@ class EpochSamples(NamedTuple):
     rewards: np.ndarray  # f32[N]
 
 
+def host_rng(key: jax.Array) -> np.random.Generator:
+    """A NumPy generator seeded from a JAX key, for host-side choices that must repeat on resume."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key))
+
+
 def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, float], EpochSamples]:
-    """One epoch: sample, score, normalise, update. Returns the new state and its metrics."""
+    """One epoch: sample, score, (relabel / replay), normalise, update. Returns the new state and metrics."""
+    cfg, name, steps = setup.cfg, setup.cfg.algorithm.name, setup.steps
     key = jax.random.fold_in(state.rng, state.step)
-    sample_key, train_key = jax.random.split(key)
-    trajectories, prompt_ids, rewards = collect_rollouts(setup, state.params, sample_key)
+    sample_key, train_key, algo_key, replay_key = jax.random.split(key, 4)
+    extra: dict[str, float] = {}
+
+    behaviour = state.params
+    if name == "ddpg":
+        pretrained = ddpg.sample_from_pretrained(algo_key, cfg.ddpg.epsilon)
+        behaviour = setup.frozen["pretrained"] if pretrained else state.params
+        extra["rollout/from_pretrained"] = float(pretrained)
+    trajectories, prompt_ids, rewards = collect_rollouts(setup, behaviour, sample_key)
+    queries = len(rewards)
+
     ids = parallel.shard_batch(prompt_ids, setup.mesh)
     rewards_dev = parallel.shard_batch(rewards, setup.mesh)
-    prompt_stats, adv = setup.advantages(state.stats, ids, rewards_dev)
-    batch = TrainBatch(
-        latents=trajectories.latents,
-        log_probs=trajectories.log_probs,
-        cond=setup.frozen["prompt_embeds"][ids],
-        advantages=adv,
-        rewards=rewards_dev,
+    fresh = herd.trajectory_item(trajectories.latents, trajectories.log_probs, ids, setup.frozen["prompt_embeds"][ids], rewards_dev)
+    prompt_stats = steps["update_stats"](state.stats, ids, rewards_dev)
+    batch, valid, buffer = fresh, jnp.ones(len(rewards), bool), state.buffer
+
+    if name == "herd":
+        h = cfg.herd
+        goal_ids, goal_rewards, goal_valid, relabel_queries = herd.choose_goals(
+            host_rng(algo_key), prompt_ids, np.asarray(trajectories.images),
+            strategy=h.goal_strategy, copies=h.copies, num_prompts=len(setup.prompts),
+            sentence_ids=setup.sentence_ids, best_candidates=h.best_candidates,
+            score=lambda images, goals: score(setup, images, goals),
+        )
+        queries += relabel_queries
+        goal_ids_dev = jnp.asarray(goal_ids)
+        buffer, replayed, replayed_valid = steps["herd_replay"](
+            buffer, state.params, setup.frozen["uncond"], fresh, goal_ids_dev, setup.frozen["prompt_embeds"][goal_ids_dev],
+            jnp.asarray(goal_rewards), jnp.asarray(goal_valid), state.step, replay_key,
+        )
+        prompt_stats = steps["update_stats"](prompt_stats, goal_ids_dev, jnp.asarray(goal_rewards), jnp.asarray(goal_valid))
+        batch = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), fresh, replayed)
+        valid = jnp.concatenate([valid, replayed_valid])
+        extra["herd/relabeled_reward"] = float(goal_rewards[goal_valid].mean()) if goal_valid.any() else float("nan")
+        extra["herd/replayed_valid"] = float(np.asarray(replayed_valid).mean())
+    elif name == "dpok":
+        buffer = steps["store_fresh"](buffer, fresh, state.step)
+        batch, info = steps["sample_buffer"](buffer, replay_key, len(rewards))
+        valid = info["valid"]
+
+    batch = jax.device_put(batch, parallel.batch_sharded(setup.mesh))
+    valid = jax.device_put(valid, parallel.batch_sharded(setup.mesh))
+    advantages = steps["advantages"](prompt_stats, batch["prompt_id"], batch["reward"], valid=valid) * valid
+    value = state.value
+    if name == "dpok":
+        value_params, value_opt, value_loss = steps["value_update"](
+            value["params"], value["opt_state"], batch["latents"], batch["prompt_embeds"], batch["reward"], setup.policy.schedule.timesteps
+        )
+        value = {"params": value_params, "opt_state": value_opt}
+        extra["train/value_loss"] = float(value_loss)
+    aux = {"uncond": setup.frozen["uncond"]}
+    if name == "dpok":
+        aux.update(pretrained=setup.frozen["pretrained"], value=value["params"])
+    train_batch = TrainBatch(
+        latents=batch["latents"], log_probs=batch["log_probs"], cond=batch["prompt_embeds"], advantages=advantages, rewards=batch["reward"]
     )
-    params, opt_state, info = setup.update(
-        state.params, state.opt_state, {"uncond": setup.frozen["uncond"]}, batch, setup.policy.schedule.timesteps, train_key
+    params, opt_state, info = steps["update"](state.params, state.opt_state, aux, train_batch, setup.policy.schedule.timesteps, train_key)
+    if name == "herd":
+        buffer = steps["store_fresh"](buffer, fresh, state.step)
+    state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        stats=prompt_stats,
+        reward_queries=state.reward_queries + queries,
+        buffer=buffer,
+        value=value,
     )
-    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=prompt_stats)
-    samples = EpochSamples(trajectories.images, prompt_ids, rewards)
-    return state, epoch_metrics(setup.prompts, prompt_ids, rewards, jax.device_get(info)), samples
+    metrics = epoch_metrics(setup.prompts, prompt_ids, rewards, jax.device_get(info))
+    metrics.update(extra, **{"reward/queries": float(state.reward_queries)})
+    return state, metrics, EpochSamples(trajectories.images, prompt_ids, rewards)
 
 
 def train_and_evaluate(cfg: config_lib.Config, *, progress: bool = True) -> list[dict[str, float]]:
