@@ -248,6 +248,8 @@ def _imagereward_python() -> str | None:
 
 
 IR_PYTHON = _imagereward_python()
+if IR_PYTHON is None and os.environ.get("CI"):
+    raise RuntimeError("CI must build the ImageReward environment first (bash install_image_reward.sh)")
 needs_env = pytest.mark.skipif(
     IR_PYTHON is None,
     reason=f"ImageReward environment not built: run ./install_image_reward.sh (or set {PYTHON_ENV_VAR})",
