@@ -60,7 +60,7 @@ class TrainConfig:
 class RewardConfig:
     """Which reward scores the images, and where its weights live."""
 
-    name: str = "jpeg_compressibility"
+    name: str = "imagereward"
     # aesthetic: CLIP ViT-L/14 (diffusers/transformers directory or hub id) + LAION MLP head (.pth).
     aesthetic_clip: str = "openai/clip-vit-large-patch14"
     aesthetic_head: str = ""
@@ -79,7 +79,7 @@ class RewardConfig:
 class AlgorithmConfig:
     """Which algorithm turns rewards into updates (see README and DESIGN.md)."""
 
-    name: str = "ddpo"
+    name: str = "herd"
 
 
 @dataclasses.dataclass
