@@ -144,14 +144,14 @@ class Policy:
         """Guided network output ε̂ = ε_u + w (ε_c − ε_u); the unconditional pass is skipped at w = 1."""
         t = jnp.broadcast_to(t, (x.shape[0],))
         if self.guidance_scale == 1.0:
-            return self.unet.apply({"params": unet_params}, x, t, cond).sample
+            return self.unet.apply({"params": unet_params}, x, t, cond).sample.astype(jnp.float32)
         uncond = jnp.broadcast_to(uncond, cond.shape)
         out = self.unet.apply(
             {"params": unet_params},
             jnp.concatenate([x, x]),
             jnp.concatenate([t, t]),
             jnp.concatenate([uncond, cond]),
-        ).sample
+        ).sample.astype(jnp.float32)  # bf16 compute: the DDIM arithmetic and log-probs stay float32
         out_uncond, out_cond = jnp.split(out, 2)
         return out_uncond + self.guidance_scale * (out_cond - out_uncond)
 
@@ -176,7 +176,7 @@ class Policy:
 
     def decode(self, vae_params: Params, latents: jax.Array) -> jax.Array:
         """VAE-decodes NCHW latents to uint8[B, H, W, 3] images."""
-        images = self.vae.apply({"params": vae_params}, latents / self.scaling_factor, method=self.vae.decode).sample
+        images = self.vae.apply({"params": vae_params}, latents / self.scaling_factor, method=self.vae.decode).sample.astype(jnp.float32)
         images = jnp.clip(jnp.transpose(images, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
         return jnp.round(images * 255).astype(jnp.uint8)
 
