@@ -80,6 +80,12 @@ class Trainable:
             flat[path] = flat[path] + scale * (ab["a"] @ ab["b"]).astype(flat[path].dtype)
         return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
+    def wrap_loss(self, loss_fn: Any) -> Any:
+        """A loss over UNet params -> a loss over the trainable pytree (`aux["base"]`: the frozen UNet, for lora)."""
+        if self.mode != "lora":
+            return loss_fn
+        return lambda trainable, aux, transition: loss_fn(self.unet_params(trainable, aux["base"]), aux, transition)
+
     def optimizer(self, inner: optax.GradientTransformation, trainable: Params) -> optax.GradientTransformation:
         """`inner` on what trains; for `filter`, everything else is frozen by `optax.set_to_zero`."""
         if self.mode != "filter":
