@@ -4,6 +4,7 @@
 Examples:
   python train.py --config configs/tiny.toml                      # embedded tiny model, offline
   python train.py --model ./sd-v1-5 --reward_model jpeg_compressibility train.learning_rate=3e-5
+  python train.py --run_dir runs/x --resume                        # continue runs/x from its newest checkpoint
 """
 from __future__ import annotations
 
@@ -54,12 +55,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run_dir", help="where logs go (default runs/<date-time>)")
     p.add_argument("--num_epochs", type=int, help="epochs to train (config num_epochs)")
     p.add_argument("--seed", type=int, help="random seed (config seed)")
+    p.add_argument(
+        "--resume", nargs="?", const="", metavar="PATH",
+        help="continue the run in --run_dir from its newest checkpoint (from scratch if it has none yet), or from PATH "
+        "(a run, checkpoints/ or step directory); the checkpoint's saved config is the base under --config files, "
+        "flags and overrides (order: herd_jax/checkpoint.py)",
+    )
     p.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides (see below)")
     return p
 
 
 def resolve_config(args: argparse.Namespace):
+    return resolve_run(args)[0]
+
+
+def resolve_run(args: argparse.Namespace):
+    """The config and, with --resume, the checkpoints to continue from (None: start from scratch)."""
+    from herd_jax import checkpoint
     from herd_jax import config as config_lib
 
     flags = {
@@ -73,13 +86,28 @@ def resolve_config(args: argparse.Namespace):
         "seed": args.seed,
     }
     flag_overrides = [config_lib.nested({k: v}) for k, v in flags.items() if v is not None]
-    cfg = config_lib.load_config(args.config, flag_overrides + list(args.overrides))
+    resume = getattr(args, "resume", None)
+    overrides = list(args.overrides)
+    if resume and "=" in resume and not os.path.exists(resume):  # `--resume key=value`: an override, not a PATH
+        resume, overrides = "", [resume, *overrides]
+    cfg = config_lib.load_config(args.config, flag_overrides + overrides)
+    checkpoints = None
+    if resume is not None:
+        if not resume and not cfg.run_dir:
+            raise checkpoint.CheckpointError("--resume without a PATH continues the run in --run_dir; give --run_dir or a PATH")
+        checkpoints = checkpoint.find(resume or cfg.run_dir, must_exist=bool(resume))
+        if checkpoints.steps:  # the checkpoint's config, under everything given on this command line
+            cfg = config_lib.load_config([checkpoint.saved_config(checkpoints), *args.config], flag_overrides + overrides)
+        else:
+            print(f"no checkpoint in {cfg.run_dir} yet; starting from scratch", flush=True)
+            checkpoints = None
     if not cfg.run_dir:
         cfg.run_dir = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    return cfg
+    return cfg, checkpoints
 
 
 def main(argv: list[str] | None = None) -> int:
+    from herd_jax.checkpoint import CheckpointError
     from herd_jax.errors import quiet_libraries, user_errors
 
     quiet_libraries()
@@ -88,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         from herd_jax import config as config_lib
         from herd_jax.trainer import train_and_evaluate
 
-        cfg = resolve_config(args)
+        cfg, resume = resolve_run(args)
         print(config_lib.to_toml(cfg), end="", flush=True)
         if args.print_config:
             return 0
-        train_and_evaluate(cfg)
-    except user_errors() as e:
+        train_and_evaluate(cfg, resume=resume)
+    except (*user_errors(), CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

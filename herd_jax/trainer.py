@@ -22,7 +22,7 @@ import optax
 import tqdm
 
 from herd_jax import config as config_lib
-from herd_jax import parallel, replay, stats
+from herd_jax import checkpoint, parallel, replay, stats
 from herd_jax.algorithms import ddpg, ddpo, dpok, herd
 from herd_jax.diffusion import Policy, Trajectory, make_policy
 from herd_jax.prompts import load_prompts
@@ -88,6 +88,8 @@ def validate(cfg: config_lib.Config, num_devices: int) -> None:
     require(s.eta > 0, f"sample.eta must be > 0 for a stochastic policy, got {s.eta}")
     require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
     require(t.learning_rate > 0, f"train.learning_rate must be positive, got {t.learning_rate}")
+    require(cfg.checkpoint.save_every >= 0, f"checkpoint.save_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint.save_every}")
+    require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     choice(cfg.algorithm.name, ALGORITHMS, "algorithm.name")
     choice(cfg.reward.name, reward_names(), "reward.name")
     choice(cfg.logging.log_with, LOGGERS, "logging.log_with")
@@ -411,13 +413,24 @@ def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, fl
     return state, metrics, EpochSamples(trajectories.images, prompt_ids, rewards)
 
 
-def train_and_evaluate(cfg: config_lib.Config, *, progress: bool = True) -> list[dict[str, float]]:
-    """Runs `cfg.num_epochs` epochs and returns each epoch's metrics."""
+def train_and_evaluate(
+    cfg: config_lib.Config, *, progress: bool = True, resume: checkpoint.Checkpoints | str | None = None
+) -> list[dict[str, float]]:
+    """Runs epochs `state.step` .. `cfg.num_epochs - 1` and returns each epoch's metrics.
+
+    `resume`: checkpoints to continue from (`checkpoint.find`'s result or a path for it); see
+    herd_jax/checkpoint.py for the resume order. Checkpoints go to `cfg.run_dir/checkpoints`.
+    """
     setup, state = build(cfg)
     history = []
     samples_per_epoch = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
-    bar = tqdm.trange(int(state.step), cfg.num_epochs, desc="epochs", unit="epoch", disable=not progress, dynamic_ncols=True)
+    manager = None
     try:
+        if resume is not None:
+            state = checkpoint.resume(resume, state, cfg)
+        manager = checkpoint.make_manager(cfg)
+        checkpoint.write_run_files(cfg, setup.prompts)
+        bar = tqdm.trange(int(state.step), cfg.num_epochs, desc="epochs", unit="epoch", disable=not progress, dynamic_ncols=True)
         for epoch in bar:
             start = time.perf_counter()
             state, metrics, samples = run_epoch(setup, state)
@@ -425,12 +438,16 @@ def train_and_evaluate(cfg: config_lib.Config, *, progress: bool = True) -> list
             metrics.update({"perf/epoch_s": elapsed, "perf/samples_per_s": samples_per_epoch / elapsed, "train/learning_rate": cfg.train.learning_rate})
             if not np.isfinite(metrics["train/loss"]):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch}; stopping")
+            save_start = time.perf_counter()
+            checkpoint.save(manager, state, cfg, setup.prompts)
+            metrics["perf/checkpoint_s"] = time.perf_counter() - save_start  # time the loop waited for the save
             setup.logger.log(metrics, step=epoch)
             if cfg.logging.image_every and epoch % cfg.logging.image_every == 0:
                 log_image_grid(setup, samples, epoch)
             history.append(metrics)
             bar.write(summary_line(epoch, metrics))
     finally:
+        checkpoint.close(manager)  # waits for an async save to be committed
         setup.logger.close()
         setup.reward.close()
     return history
