@@ -36,11 +36,24 @@ def parser() -> argparse.ArgumentParser:
             "overrides:\n"
             "  Any config key can be set as SECTION.KEY=VALUE after the flags, e.g.\n"
             "    sample.batch_size=8 sample.num_steps=20 train.learning_rate=3e-5 num_epochs=50\n"
-            "  Sections: sample, train, reward, algorithm, logging. Precedence: built-in defaults <\n"
+            "  Sections: sample, train, reward, algorithm, ddpg, herd, dpok, logging, checkpoint.\n"
+            "  Precedence: built-in defaults <\n"
             "  configs/algorithms/<algorithm>.toml < --config files < flags < overrides.\n\n"
             "algorithms:\n"
+            "  herd   (default) DDPO updates fed by a replay buffer with hindsight relabeling: each trajectory\n"
+            "         is stored again under another prompt (herd.goal_strategy best|random|sentence) with its\n"
+            "         reward re-scored; herd.copies, herd.keep_epochs, herd.replay_ratio, herd.correction.\n"
+            "  ddpg   the original HERD code's name for off-policy DDPO with an epsilon-greedy behaviour policy\n"
+            "         (NOT actor-critic DDPG): with probability ddpg.epsilon an epoch samples from the frozen\n"
+            "         pretrained UNet; the clipped ratio uses the behaviour log-probs. epsilon=0 is ddpo.\n"
             "  ddpo   DDPO (Black et al. 2023): per-prompt normalised advantages, clipped importance\n"
-            "         ratio (train.estimator=is) or score function (train.estimator=sf).\n\n"
+            "         ratio (train.estimator=is) or score function (train.estimator=sf).\n"
+            "  dpok   DPOK (Fan et al. 2023): value baseline A = r - V(x_t, c, t), clamped ratio, KL to the\n"
+            "         pretrained UNet (dpok.reward_weight, dpok.kl_weight), FIFO transition buffer.\n\n"
+            "multi-host:\n"
+            "  Run the same command on every host with --coordinator_address HOST:PORT --num_processes N\n"
+            "  --process_id I (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID; on TPU pods and\n"
+            "  SLURM set HERD_JAX_DISTRIBUTED=auto). Batch sizes are global; process 0 logs.\n\n"
             "examples:\n"
             "  python train.py --config configs/tiny.toml          # embedded tiny model, offline, minutes on CPU\n"
             "  python train.py --model /models/sd-v1-5 --reward_model jpeg_compressibility --log_with tensorboard\n"
@@ -61,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
         "(a run, checkpoints/ or step directory); the checkpoint's saved config is the base under --config files, "
         "flags and overrides (order: herd_jax/checkpoint.py)",
     )
+    p.add_argument("--coordinator_address", default="", metavar="HOST:PORT", help="multi-host: jax.distributed coordinator (process 0's address)")
+    p.add_argument("--num_processes", type=int, default=0, help="multi-host: number of processes")
+    p.add_argument("--process_id", type=int, default=-1, help="multi-host: this process's index")
     p.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides (see below)")
     return p
@@ -116,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         from herd_jax import config as config_lib
         from herd_jax.trainer import train_and_evaluate
 
+        from herd_jax import parallel
+
         cfg, resume = resolve_run(args)
-        print(config_lib.to_toml(cfg), end="", flush=True)
+        parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        if parallel.is_main_process():
+            print(config_lib.to_toml(cfg), end="", flush=True)
         if args.print_config:
             return 0
         train_and_evaluate(cfg, resume=resume)

@@ -54,6 +54,10 @@ class TrainConfig:
     per_prompt_stats: bool = True
     stats_window: int = 16
     stats_min_count: int = 16
+    trainable: str = "all"  # all | filter (params matching trainable_pattern) | lora (adapters on them)
+    trainable_pattern: str = "attn[12]/to_(q|k|v|out_0)/kernel$"  # regex over UNet param paths "a/b/kernel"
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
 
 
 @dataclasses.dataclass
@@ -138,6 +142,7 @@ class Config:
     run_dir: str = ""  # default: runs/<timestamp>
     seed: int = 0
     num_epochs: int = 100
+    precision: str = "fp32"  # fp32 | bf16: compute dtype of rollouts and training (params, log-probs stay float32)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)

@@ -39,3 +39,57 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
+
+
+def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    """Joins a multi-host run (`jax.distributed`), before anything touches the devices.
+
+    With a coordinator address (flags, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID) the processes rendezvous there; on TPU pods and under SLURM
+    `jax.distributed.initialize()` finds them itself (set HERD_JAX_DISTRIBUTED=auto). On CPU the
+    cross-process collectives go through gloo. Without any of these it is a single-process run.
+    """
+    import os
+
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+    process_id = process_id if process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    auto = os.environ.get("HERD_JAX_DISTRIBUTED") == "auto"
+    if not coordinator and not auto:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used by CPU devices only
+    if auto and not coordinator:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator, num_processes=num_processes or None, process_id=None if process_id < 0 else process_id)
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def gather_to_host(x: jax.Array) -> np.ndarray:
+    """All rows of a batch-sharded array as one NumPy array on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def process_rows(n: int) -> slice:
+    """The contiguous rows [start, stop) of an n-row batch that this process scores."""
+    count, index = jax.process_count(), jax.process_index()
+    if n % count:
+        raise ValueError(f"a batch of {n} rows cannot be split evenly over {count} processes")
+    per = n // count
+    return slice(index * per, (index + 1) * per)
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Concatenates every process's `local` rows (in process order) on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))

@@ -26,6 +26,7 @@ from herd_jax import checkpoint, parallel, replay, stats
 from herd_jax.algorithms import ddpg, ddpo, dpok, herd
 from herd_jax.diffusion import Policy, Trajectory, make_policy
 from herd_jax.prompts import load_prompts
+from herd_jax.trainable import MODES as TRAINABLE_MODES, Trainable
 from herd_jax.train_step import TrainBatch, make_optimizer, train_on_batch
 
 Params = Any
@@ -55,7 +56,8 @@ class Setup:
     sentence_ids: list[list[int]]  # herd `sentence`: each prompt's sentence goal ids
     mesh: jax.sharding.Mesh
     policy: Policy
-    frozen: dict[str, Params]  # vae, goal embeddings, negative embedding, pretrained UNet (ddpg/dpok)
+    trainable: Trainable  # which UNet params train; TrainState.params is its trainable pytree
+    frozen: dict[str, Params]  # vae, goal embeddings, negative embedding, UNet base (lora), pretrained UNet (ddpg/dpok)
     rollout: Callable[..., Trajectory]
     steps: dict[str, Callable[..., Any]]  # jitted pure functions, by name
     reward: Any
@@ -88,6 +90,9 @@ def validate(cfg: config_lib.Config, num_devices: int) -> None:
     require(s.eta > 0, f"sample.eta must be > 0 for a stochastic policy, got {s.eta}")
     require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
     require(t.learning_rate > 0, f"train.learning_rate must be positive, got {t.learning_rate}")
+    require(t.lora_rank > 0, f"train.lora_rank must be positive, got {t.lora_rank}")
+    choice(t.trainable, TRAINABLE_MODES, "train.trainable")
+    choice(cfg.precision, PRECISIONS, "precision")
     require(cfg.checkpoint.save_every >= 0, f"checkpoint.save_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint.save_every}")
     require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     choice(cfg.algorithm.name, ALGORITHMS, "algorithm.name")
@@ -114,6 +119,7 @@ def validate(cfg: config_lib.Config, num_devices: int) -> None:
 
 
 ALGORITHMS = ("herd", "ddpg", "ddpo", "dpok")
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 def num_replayed(cfg: config_lib.Config) -> int:
@@ -192,20 +198,27 @@ def build(cfg: config_lib.Config) -> tuple[Setup, TrainState]:
     prompts = load_prompts(cfg.prompts)
     name = cfg.algorithm.name
     goals, sentence_ids = herd.build_goals(prompts, cfg.herd.goal_strategy if name == "herd" else "")
-    sd = load_pipeline(cfg.model)
+    sd = load_pipeline(cfg.model, compute_dtype=PRECISIONS[cfg.precision])
     policy = make_policy(sd, num_steps=cfg.sample.num_steps, eta=cfg.sample.eta, guidance_scale=cfg.sample.guidance_scale)
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
+    t = cfg.train
+    trainable = Trainable(t.trainable, t.trainable_pattern, t.lora_rank, t.lora_alpha)
+    trainable_params = trainable.init(sd.params["unet"], jax.random.PRNGKey(cfg.seed + 2))
     frozen = {"vae": sd.params["vae"], **encode_prompts(sd, goals, cfg.sample.negative_prompt)}
+    if t.trainable == "lora":
+        frozen["base"] = sd.params["unet"]
     if name in ("ddpg", "dpok"):
         frozen["pretrained"] = sd.params["unet"]
     frozen = parallel.replicate(frozen, mesh)
-    if "pretrained" in frozen:  # its own buffers: the trainable copy is donated to each update
+    if "pretrained" in frozen and t.trainable != "lora":  # its own buffers: the trained copy is donated to each update
         frozen["pretrained"] = jax.tree.map(jnp.copy, frozen["pretrained"])
 
-    t = cfg.train
-    optimizer = make_optimizer(
-        t.learning_rate, b1=t.adam_beta1, b2=t.adam_beta2, eps=t.adam_eps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm
+    optimizer = trainable.optimizer(
+        make_optimizer(
+            t.learning_rate, b1=t.adam_beta1, b2=t.adam_beta2, eps=t.adam_eps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm
+        ),
+        trainable_params,
     )
     steps: dict[str, Callable[..., Any]] = {}
     value = None
@@ -220,7 +233,7 @@ def build(cfg: config_lib.Config) -> tuple[Setup, TrainState]:
         loss_fn = ddpo.make_loss(policy, estimator=t.estimator, clip_range=t.clip_range, adv_clip=t.adv_clip)
     update = functools.partial(
         train_on_batch,
-        loss_fn,
+        trainable.wrap_loss(loss_fn),
         optimizer,
         num_inner_epochs=t.num_inner_epochs,
         minibatch_size=t.batch_size,
@@ -249,7 +262,8 @@ def build(cfg: config_lib.Config) -> tuple[Setup, TrainState]:
         )
     )
     item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), item)
-    state = init_state(cfg, sd.params["unet"], optimizer, len(goals), item, value)
+    steps["unet_params"] = jax.jit(trainable.unet_params)
+    state = init_state(cfg, trainable_params, optimizer, len(goals), item, value)
     state = jax.device_put(state, state_shardings(state, mesh))
     if name == "herd":
         buffer_sharding = replay.shardings(state.buffer, mesh)
@@ -276,11 +290,14 @@ def build(cfg: config_lib.Config) -> tuple[Setup, TrainState]:
         sentence_ids=sentence_ids,
         mesh=mesh,
         policy=policy,
+        trainable=trainable,
         frozen=frozen,
         rollout=make_rollout(policy, mesh),
         steps=steps,
         reward=make_reward(cfg.reward),
-        logger=make_logger(cfg.logging.log_with, run_dir, config=config_lib.to_dict(cfg), run_name=run_dir.name),
+        logger=make_logger(
+            cfg.logging.log_with, run_dir, config=config_lib.to_dict(cfg), run_name=run_dir.name, is_main_process=parallel.is_main_process()
+        ),
     )
     return setup, state
 
@@ -293,25 +310,48 @@ def score(setup: Setup, images: np.ndarray, goal_ids: Sequence[int]) -> np.ndarr
     return check_finite(setup.reward(np.asarray(images), texts), texts)
 
 
-def collect_rollouts(setup: Setup, params: Params, key: jax.Array) -> tuple[Trajectory, np.ndarray, np.ndarray]:
+def score_split(setup: Setup, images: np.ndarray, goal_ids: Sequence[int]) -> np.ndarray:
+    """`score` on every process's share of the rows, gathered: same result on all processes.
+
+    Every process holds all rows (the uint8 images are gathered, cheap next to a rollout); each
+    scores only its contiguous share, so the reward model's work is split across hosts.
+    """
+    goal_ids = np.asarray(goal_ids)
+    pad = (-len(goal_ids)) % jax.process_count()
+    if pad:
+        images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+        goal_ids = np.concatenate([goal_ids, np.repeat(goal_ids[-1:], pad)])
+    rows = parallel.process_rows(len(goal_ids))
+    scores = parallel.gather_rows(score(setup, images[rows], goal_ids[rows]))
+    return scores[: len(scores) - pad]
+
+
+def collect_rollouts(setup: Setup, unet_params: Params, key: jax.Array) -> tuple[Trajectory, np.ndarray, np.ndarray, np.ndarray]:
     """Samples the epoch's batches; scoring batch i (in a worker thread) overlaps sampling batch i+1.
 
+    Each process scores its own rows of each batch; collectives (gathers) stay on this thread.
     Returns:
-      (trajectories concatenated over batches, prompt ids int32[N], rewards f32[N] on the host).
+      (trajectories concatenated over batches, images uint8[N, H, W, 3], prompt ids int32[N],
+      rewards f32[N]; all but the trajectories on the host, identical on every process).
     """
     cfg = setup.cfg.sample
-    trajectories, prompt_ids, futures = [], [], []
+    trajectories, images, prompt_ids, futures = [], [], [], []
+    rows = parallel.process_rows(cfg.batch_size)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         for i in range(cfg.num_batches_per_epoch):
             prompt_key, sample_key = jax.random.split(jax.random.fold_in(key, i))
             ids = np.asarray(jax.random.randint(prompt_key, (cfg.batch_size,), 0, len(setup.prompts)), np.int32)
-            trajectory = setup.rollout(params, setup.frozen, parallel.shard_batch(ids, setup.mesh), sample_key)
-            futures.append(pool.submit(score, setup, trajectory.images, ids))
+            trajectory = setup.rollout(unet_params, setup.frozen, parallel.shard_batch(ids, setup.mesh), sample_key)
+            if i > 0:  # gather batch i-1's images while batch i samples
+                images.append(parallel.gather_to_host(trajectories[-1].images))
+                futures.append(pool.submit(score, setup, images[-1][rows], prompt_ids[-1][rows]))
             trajectories.append(trajectory)
             prompt_ids.append(ids)
-        rewards = np.concatenate([f.result() for f in futures]).astype(np.float32)
+        images.append(parallel.gather_to_host(trajectories[-1].images))
+        futures.append(pool.submit(score, setup, images[-1][rows], prompt_ids[-1][rows]))
+        rewards = np.concatenate([parallel.gather_rows(f.result()) for f in futures]).astype(np.float32)
     trajectories = jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajectories)
-    return trajectories, np.concatenate(prompt_ids), rewards
+    return trajectories, np.concatenate(images), np.concatenate(prompt_ids), rewards
 
 
 def epoch_metrics(prompts: list[str], prompt_ids: np.ndarray, rewards: np.ndarray, info: dict[str, Any]) -> dict[str, float]:
@@ -342,12 +382,13 @@ def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, fl
     sample_key, train_key, algo_key, replay_key = jax.random.split(key, 4)
     extra: dict[str, float] = {}
 
-    behaviour = state.params
+    unet_params = steps["unet_params"](state.params, setup.frozen.get("base"))
+    behaviour = unet_params
     if name == "ddpg":
         pretrained = ddpg.sample_from_pretrained(algo_key, cfg.ddpg.epsilon)
-        behaviour = setup.frozen["pretrained"] if pretrained else state.params
+        behaviour = setup.frozen["pretrained"] if pretrained else unet_params
         extra["rollout/from_pretrained"] = float(pretrained)
-    trajectories, prompt_ids, rewards = collect_rollouts(setup, behaviour, sample_key)
+    trajectories, images, prompt_ids, rewards = collect_rollouts(setup, behaviour, sample_key)
     queries = len(rewards)
 
     ids = parallel.shard_batch(prompt_ids, setup.mesh)
@@ -359,15 +400,15 @@ def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, fl
     if name == "herd":
         h = cfg.herd
         goal_ids, goal_rewards, goal_valid, relabel_queries = herd.choose_goals(
-            host_rng(algo_key), prompt_ids, np.asarray(trajectories.images),
+            host_rng(algo_key), prompt_ids, images,
             strategy=h.goal_strategy, copies=h.copies, num_prompts=len(setup.prompts),
             sentence_ids=setup.sentence_ids, best_candidates=h.best_candidates,
-            score=lambda images, goals: score(setup, images, goals),
+            score=lambda images, goals: score_split(setup, images, goals),
         )
         queries += relabel_queries
         goal_ids_dev = jnp.asarray(goal_ids)
         buffer, replayed, replayed_valid = steps["herd_replay"](
-            buffer, state.params, setup.frozen["uncond"], fresh, goal_ids_dev, setup.frozen["prompt_embeds"][goal_ids_dev],
+            buffer, unet_params, setup.frozen["uncond"], fresh, goal_ids_dev, setup.frozen["prompt_embeds"][goal_ids_dev],
             jnp.asarray(goal_rewards), jnp.asarray(goal_valid), state.step, replay_key,
         )
         prompt_stats = steps["update_stats"](prompt_stats, goal_ids_dev, jnp.asarray(goal_rewards), jnp.asarray(goal_valid))
@@ -390,7 +431,7 @@ def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, fl
         )
         value = {"params": value_params, "opt_state": value_opt}
         extra["train/value_loss"] = float(value_loss)
-    aux = {"uncond": setup.frozen["uncond"]}
+    aux = {"uncond": setup.frozen["uncond"], "base": setup.frozen.get("base")}
     if name == "dpok":
         aux.update(pretrained=setup.frozen["pretrained"], value=value["params"])
     train_batch = TrainBatch(
@@ -410,7 +451,7 @@ def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, fl
     )
     metrics = epoch_metrics(setup.prompts, prompt_ids, rewards, jax.device_get(info))
     metrics.update(extra, **{"reward/queries": float(state.reward_queries)})
-    return state, metrics, EpochSamples(trajectories.images, prompt_ids, rewards)
+    return state, metrics, EpochSamples(images, prompt_ids, rewards)
 
 
 def train_and_evaluate(
@@ -430,7 +471,7 @@ def train_and_evaluate(
             state = checkpoint.resume(resume, state, cfg)
         manager = checkpoint.make_manager(cfg)
         checkpoint.write_run_files(cfg, setup.prompts)
-        bar = tqdm.trange(int(state.step), cfg.num_epochs, desc="epochs", unit="epoch", disable=not progress, dynamic_ncols=True)
+        bar = tqdm.trange(int(state.step), cfg.num_epochs, desc="epochs", unit="epoch", disable=not progress or not parallel.is_main_process(), dynamic_ncols=True)
         for epoch in bar:
             start = time.perf_counter()
             state, metrics, samples = run_epoch(setup, state)
@@ -445,7 +486,8 @@ def train_and_evaluate(
             if cfg.logging.image_every and epoch % cfg.logging.image_every == 0:
                 log_image_grid(setup, samples, epoch)
             history.append(metrics)
-            bar.write(summary_line(epoch, metrics))
+            if parallel.is_main_process():
+                bar.write(summary_line(epoch, metrics))
     finally:
         checkpoint.close(manager)  # waits for an async save to be committed
         setup.logger.close()
