@@ -124,7 +124,7 @@ def train_on_batch(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         info = jax.tree.map(jnp.mean, infos)
-        info["grad_norm"] = optax.global_norm(grads)
+        info["grad_norm"] = optax.tree.norm(grads)
         return (params, opt_state), info
 
     def inner_epoch(carry, key):
