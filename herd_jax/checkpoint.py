@@ -75,20 +75,19 @@ def _first_line(error: BaseException) -> str:
 # --- saving ------------------------------------------------------------------------------
 
 
-def make_manager(cfg: config_lib.Config, *, num_epochs: int | None = None) -> ocp.CheckpointManager | None:
+def make_manager(cfg: config_lib.Config) -> ocp.CheckpointManager | None:
     """The orbax manager of `cfg.run_dir/checkpoints`, or None when checkpoints are off (save_every = 0).
 
-    It saves at every `save_every`-th step and at step `num_epochs` (default cfg.num_epochs),
-    keeps the newest `keep`, and removes tmp directories that a killed save left behind.
+    It saves at every `save_every`-th step and at step `num_epochs` (the end), keeps the newest
+    `keep`, and removes tmp directories that a killed save left behind.
     """
     c = cfg.checkpoint
     if c.save_every <= 0:
         return None
     policies = ocp.checkpoint_managers
-    final = cfg.num_epochs if num_epochs is None else num_epochs
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.AnySavePolicy(
-            [policies.FixedIntervalPolicy(c.save_every), policies.SpecificStepsPolicy([final])]
+            [policies.FixedIntervalPolicy(c.save_every), policies.SpecificStepsPolicy([cfg.num_epochs])]
         ),
         preservation_policy=policies.LatestN(c.keep),
         enable_async_checkpointing=c.async_save,
