@@ -1,0 +1,350 @@
+"""Checkpoints: bit-exact resume, SIGKILL during an epoch and during a save, corrupt fallbacks, configs.
+
+Runs are tiny (herd on the colour task, 4 DDIM steps, 4 samples, 1 batch per epoch) and shared by
+this file, test_logging_integration.py and test_evaluate_export.py through `TinyRuns` (one per
+test session, each run made on first use):
+  straight: epochs 0..3 in one process (in-process, tensorboard, a checkpoint every epoch)
+  killed:   two `train.py` subprocesses (started together, to share start-up time), SIGKILLed
+            while training epoch 2 ("epoch") and while committing checkpoint 2 ("save")
+  resumed:  `train.py --resume` of the "save" run: epochs 1..3 in-process (wandb offline)
+Exactness: "resumed" must end bit-identical to "straight", and every checkpoint the killed
+processes committed must equal the straight run's checkpoint of the same step.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import pathlib
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+from herd_jax import checkpoint  # noqa: E402
+from herd_jax import config as config_lib  # noqa: E402
+
+NUM_EPOCHS = 3
+TINY_FILE = str(REPO / "configs" / "tiny.toml")
+TINY = [
+    "sample.num_steps=4",
+    "sample.batch_size=4",
+    "sample.num_batches_per_epoch=1",
+    "train.batch_size=4",
+    "checkpoint.save_every=1",
+    "checkpoint.keep=5",
+    "logging.image_every=1",
+]
+KILL_POINTS = {  # name: (extra environment, output line that triggers the SIGKILL)
+    "epoch": ({}, r"^epoch +1 \|"),  # checkpoint 1 is committed once epoch 1 is reported (saves are serialised)
+    "save": ({"HERD_JAX_TEST_HANG_IN_SAVE": "2"}, r"hanging before committing checkpoint 2"),
+}
+
+
+def tiny_config(run_dir: pathlib.Path, num_epochs: int, log_with: str) -> config_lib.Config:
+    return config_lib.load_config([TINY_FILE], TINY + [f"run_dir={str(run_dir)!r}", f"num_epochs={num_epochs}", f"logging.log_with={log_with!r}"])
+
+
+@contextlib.contextmanager
+def wandb_home(root: pathlib.Path):
+    """wandb's config/cache dirs inside the test's tmp dir (as tests/test_metrics.py does)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+            mp.setenv(var, str(root / var.lower()))
+        yield
+
+
+def _train_process(run_dir: pathlib.Path, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "train.py", "--config", TINY_FILE, "--run_dir", str(run_dir), "--log_with", "none", "--num_epochs", "50", *TINY, "checkpoint.keep=4"]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _kill_when(process: subprocess.Popen, pattern: str, done: "queue.Queue") -> None:
+    """Reads the process's output; SIGKILLs it as soon as a line matches (runs in a thread)."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait()
+    done.put((process.returncode, "".join(lines)))
+
+
+class TinyRuns:
+    """The session's shared runs (see the module docstring); each is made on first use."""
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self._kills: dict = {}
+
+    def start_kills(self) -> None:
+        """Starts the subprocesses now, so they run while the in-process runs train."""
+        for name, (env, pattern) in KILL_POINTS.items():
+            if name not in self._kills:
+                process = _train_process(self.root / name, env)
+                done: queue.Queue = queue.Queue()
+                threading.Thread(target=_kill_when, args=(process, pattern, done), daemon=True).start()
+                self._kills[name] = (process, done)
+
+    @functools.cached_property
+    def straight(self) -> tuple[pathlib.Path, list[dict[str, float]]]:
+        from herd_jax.trainer import train_and_evaluate
+
+        run_dir = self.root / "straight"
+        return run_dir, train_and_evaluate(tiny_config(run_dir, NUM_EPOCHS, "tensorboard"), progress=False)
+
+    @functools.cached_property
+    def killed(self) -> dict[str, tuple[pathlib.Path, int, str]]:
+        """{name: (run_dir, returncode, output)} once both processes were killed (or failed)."""
+        self.start_kills()
+        results = {}
+        for name, (process, done) in self._kills.items():
+            try:
+                results[name] = (self.root / name, *done.get(timeout=300))
+            except queue.Empty:
+                process.kill()
+                raise AssertionError(f"train.py ({name}) did not reach its kill point in time") from None
+        return results
+
+    @functools.cached_property
+    def resumed(self) -> tuple[pathlib.Path, int, str]:
+        """(run_dir, exit code, stdout) of `train.py --resume` on the run killed during its save."""
+        run_dir = self.killed["save"][0]
+        self.pre_resume_dirs = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        out = io.StringIO()
+        with wandb_home(self.root / "wandb_home"), contextlib.redirect_stdout(out):
+            code = train.main(["--run_dir", str(run_dir), "--resume", "--num_epochs", str(NUM_EPOCHS), "--log_with", "wandb"])
+        return run_dir, code, out.getvalue()
+
+
+_RUNS: list[TinyRuns] = []
+
+
+def tiny_runs(tmp_path_factory) -> TinyRuns:
+    if not _RUNS:
+        _RUNS.append(TinyRuns(tmp_path_factory.mktemp("tiny_runs")))
+    return _RUNS[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> TinyRuns:
+    runs = tiny_runs(tmp_path_factory)
+    runs.start_kills()
+    return runs
+
+
+def raw_state(step_dir: pathlib.Path):
+    """A checkpoint's whole TrainState as nested dicts of arrays (no target structure needed)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer().restore(pathlib.Path(step_dir) / "state")
+
+
+def assert_trees_identical(a, b) -> None:
+    import jax
+
+    paths_a = jax.tree_util.tree_leaves_with_path(a)
+    paths_b = jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in paths_a] == [p for p, _ in paths_b]
+    assert paths_a, "empty state"
+    for (path, x), (_, y) in zip(paths_a, paths_b):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+        assert x.tobytes() == y.tobytes(), f"{jax.tree_util.keystr(path)} differs"
+
+
+# --- exact resume and SIGKILL ------------------------------------------------------------
+
+
+def test_straight_run_saves_every_epoch_with_config_and_prompts(runs):
+    from herd_jax.prompts import load_prompts
+
+    straight, history = runs.straight
+    assert len(history) == NUM_EPOCHS
+    assert checkpoint.find(straight).steps == (3, 2, 1)
+    cfg = config_lib.load_config([straight / "config.toml"])
+    assert cfg == tiny_config(straight, NUM_EPOCHS, "tensorboard")
+    assert (straight / "prompts.txt").read_text().splitlines() == load_prompts(cfg.prompts)
+    found = checkpoint.find(straight / "checkpoints" / "2")
+    assert found.steps == (2,) and found.explicit_step
+    assert config_lib.load_config([checkpoint.saved_config(found)]) == cfg
+    assert checkpoint.saved_prompts(found.step_dir(2)) == load_prompts(cfg.prompts)
+    state = raw_state(straight / "checkpoints" / "3")
+    assert {"step", "params", "opt_state", "rng", "stats", "buffer"} <= set(state)  # the whole TrainState
+    assert int(state["step"]) == NUM_EPOCHS
+
+
+def test_sigkill_during_epoch_leaves_committed_checkpoints(runs):
+    run_dir, returncode, output = runs.killed["epoch"]
+    assert returncode == -signal.SIGKILL, output
+    found = checkpoint.find(run_dir)
+    assert found.steps and found.steps[0] in (1, 2, 3), output  # killed in epoch 2 (or while saving 2)
+    state, step = checkpoint.restore(found, raw_state(found.step_dir(found.steps[-1])))
+    assert step == found.steps[0]
+    # Written by another process, asynchronously while training went on (params donated to the
+    # next update): every committed checkpoint equals the straight run's at the same step.
+    straight, _ = runs.straight
+    for step in found.steps:
+        assert_trees_identical(raw_state(found.step_dir(step)), raw_state(straight / "checkpoints" / str(step)))
+
+
+def test_sigkill_during_save_then_resume_is_bit_exact(runs):
+    run_dir, returncode, output = runs.killed["save"]
+    assert returncode == -signal.SIGKILL, output
+    resumed, code, out = runs.resumed
+    assert code == 0, out
+    assert "2.orbax-checkpoint-tmp" in runs.pre_resume_dirs, "the kill did not land inside the save"
+    assert [d for d in runs.pre_resume_dirs if "tmp" not in d] == ["1"]
+    assert f"resuming from {run_dir / 'checkpoints' / '1'} at epoch 1" in out
+    assert "keep = 4" in out  # the checkpoint's config is the base; --num_epochs/--log_with went on top
+    assert not list((run_dir / "checkpoints").glob("*tmp*")), "the unfinished save was not cleaned up"
+    assert checkpoint.find(run_dir).steps == (3, 2, 1)
+    # Epochs 0..1 in a killed process + 1..3 after resume == 0..3 straight: params, optimizer
+    # state, RNG key, step, per-prompt reward windows, replay buffer, reward-query count.
+    straight, _ = runs.straight
+    final = raw_state(straight / "checkpoints" / "3")
+    assert_trees_identical(raw_state(run_dir / "checkpoints" / "3"), final)
+    first = raw_state(straight / "checkpoints" / "1")  # training moved the params: not a trivial comparison
+    assert any(np.asarray(a).tobytes() != np.asarray(b).tobytes() for a, b in zip(_leaves(first["params"]), _leaves(final["params"])))
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+# --- the manager on a toy state ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_manager_policy_keep_and_any_pytree(tmp_path, async_save):
+    import flax.struct
+    import jax
+    import jax.numpy as jnp
+
+    @flax.struct.dataclass
+    class Toy:  # any pytree with a `step` saves and restores; None fields included
+        step: jax.Array
+        params: dict
+        buffer: object = None
+
+    overrides = [f"run_dir={str(tmp_path)!r}", "num_epochs=5", "checkpoint.save_every=2", "checkpoint.keep=2", f"checkpoint.async_save={str(async_save).lower()}"]
+    cfg = config_lib.load_config([], overrides)
+    manager = checkpoint.make_manager(cfg)
+    saved = [checkpoint.save(manager, Toy(jnp.int32(s), {"w": jnp.full((3,), float(s))}), cfg, ["a", "b"]) for s in range(1, 6)]
+    checkpoint.close(manager)
+    assert saved == [False, True, False, True, True]  # every 2nd epoch and the last
+    found = checkpoint.find(tmp_path)
+    assert found.steps == (5, 4)  # keep=2
+    state, step = checkpoint.restore(found, Toy(jnp.int32(0), {"w": jnp.zeros((3,))}))
+    assert step == 5 and isinstance(state, Toy) and state.buffer is None
+    np.testing.assert_array_equal(state.params["w"], [5.0, 5.0, 5.0])
+    assert checkpoint.saved_prompts(found.step_dir(4)) == ["a", "b"]
+    np.testing.assert_array_equal(checkpoint.load_params(found.step_dir(4))["w"], [4.0, 4.0, 4.0])
+    assert checkpoint.make_manager(config_lib.load_config([], ["checkpoint.save_every=0"])) is None
+
+
+# --- corrupt checkpoints and bad input ---------------------------------------------------
+
+
+def test_corrupt_newest_checkpoint_is_skipped(runs, tmp_path, capsys):
+    straight, _ = runs.straight
+    shutil.copytree(straight / "checkpoints", tmp_path / "checkpoints")
+    for data in (tmp_path / "checkpoints" / "3" / "state").rglob("d/*"):
+        data.write_bytes(data.read_bytes()[:7])  # truncated array data
+    found = checkpoint.find(tmp_path)
+    assert found.steps == (3, 2, 1)
+    state, step = checkpoint.restore(found, raw_state(straight / "checkpoints" / "1"))
+    assert step == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "skipping unreadable checkpoint" in err and "/3" in err
+    assert_trees_identical(state, raw_state(straight / "checkpoints" / "2"))
+    # Continuing in that run dir renames the unreadable step aside, so step 3 can be saved again.
+    checkpoint.prepare_resume(found, step, tmp_path)
+    assert checkpoint.find(tmp_path).steps == (2, 1)
+    assert len(list((tmp_path / "checkpoints").glob("3.corrupt-*"))) == 1
+
+
+def test_all_checkpoints_unreadable_is_one_line_error(runs, tmp_path):
+    straight, _ = runs.straight
+    shutil.copytree(straight / "checkpoints" / "1", tmp_path / "checkpoints" / "1")
+    shutil.rmtree(tmp_path / "checkpoints" / "1" / "state" / "ocdbt.process_0")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint restores") as info:
+        checkpoint.restore(checkpoint.find(tmp_path), raw_state(straight / "checkpoints" / "1"))
+    assert "\n" not in str(info.value)
+
+
+def test_branching_from_an_older_step_needs_a_new_run_dir(runs):
+    straight, _ = runs.straight
+    older = checkpoint.find(straight / "checkpoints" / "1")
+    with pytest.raises(checkpoint.CheckpointError, match="pass a new --run_dir"):
+        checkpoint.prepare_resume(older, 1, straight)
+    checkpoint.prepare_resume(older, 1, straight.parent / "branch")  # a new run dir is fine
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["--resume", "/nonexistent/run"], r"no checkpoint at /nonexistent/run"),
+        (["--resume"], r"--resume without a PATH"),
+        (["--resume", "{tmp}"], r"no checkpoint in"),
+        (["--resume", "{tmp}/checkpoints/4.orbax-checkpoint-tmp"], r"unfinished save"),
+    ],
+)
+def test_bad_resume_is_one_line(argv, pattern, tmp_path, capsys):
+    (tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp").mkdir(parents=True)
+    code = train.main(["--config", TINY_FILE, *[a.replace("{tmp}", str(tmp_path)) for a in argv]])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and re.search(pattern, err), err
+
+
+def test_resume_without_checkpoints_starts_from_scratch(tmp_path, capsys):
+    assert train.main(["--config", TINY_FILE, "--run_dir", str(tmp_path / "new"), "--resume", "--print_config", "seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "starting from scratch" in out and "seed = 3" in out
+
+
+def test_resume_key_value_is_an_override_not_a_path(tmp_path, capsys):
+    assert train.main(["--config", TINY_FILE, "--run_dir", str(tmp_path), "--print_config", "--resume", "seed=5"]) == 0
+    assert "seed = 5" in capsys.readouterr().out
+
+
+# --- configs -----------------------------------------------------------------------------
+
+
+def test_base_toml_lists_every_key_with_its_default():
+    import tomllib
+
+    base = tomllib.loads((REPO / "configs" / "base.toml").read_text())
+
+    def flat(tree, prefix=""):
+        return {k: v for key, value in tree.items() for k, v in (flat(value, f"{prefix}{key}.").items() if isinstance(value, dict) else [(f"{prefix}{key}", value)])}
+
+    hint = "regenerate it: python -m herd_jax.config > configs/base.toml"
+    assert flat(base) == flat(config_lib.to_dict(config_lib.Config())), hint
+    assert config_lib.load_config([REPO / "configs" / "base.toml"]) == config_lib.Config(), hint
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "imagereward", "color"])
+def test_reward_configs_load(name):
+    cfg = config_lib.load_config([REPO / "configs" / "rewards" / f"{name}.toml"])
+    assert cfg.reward.name == name
