@@ -61,6 +61,21 @@ def load_checkpoint(path: str) -> tuple[pathlib.Path, Any]:
     raise error
 
 
+def unet_params(cfg: config_lib.Config, trained: Any, base: Callable[[], Any]) -> Any:
+    """The UNet params a checkpoint's `TrainState.params` stands for under `cfg.train.trainable`.
+
+    `all`/`filter` checkpoints hold the whole UNet; `lora` ones hold adapters, merged here into
+    the base UNet (`base()` is only called then).
+    """
+    from herd_jax.trainable import Trainable
+
+    t = cfg.train
+    trainable = Trainable(t.trainable, t.trainable_pattern, t.lora_rank, t.lora_alpha)
+    if t.trainable != "lora":
+        return trained
+    return jax.tree.map(np.asarray, trainable.unet_params(trained, base()))
+
+
 def make_render(policy: Any) -> Callable[..., jax.Array]:
     """jit((unet, vae, cond f32[B,L,D], uncond f32[1,L,D], seeds int32[B]) -> uint8[B,H,W,3]).
 
@@ -175,7 +190,8 @@ def run(
     sd = load_pipeline(cfg.model)
     expected = jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), sd.params["unet"])
     models = [Model(PRETRAINED, sd.params["unet"], 0, None)] if compare else []
-    for label, (step_dir, params) in zip(_labels([d for d, _ in loaded]), loaded):
+    for label, (step_dir, trained) in zip(_labels([d for d, _ in loaded]), loaded):
+        params = unet_params(config_lib.load_config([checkpoint.saved_config(checkpoint.find(step_dir))]), trained, lambda: sd.params["unet"])
         if jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), params) != expected:
             raise checkpoint.CheckpointError(f"{step_dir} holds UNet params of another shape than {cfg.model}")
         models.append(Model(label, params, int(step_dir.name), str(step_dir)))

@@ -88,14 +88,15 @@ def export(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> pathli
     Raises:
       CheckpointError, ModelNotFoundError, FileExistsError: one-line messages.
     """
-    from herd_jax.evaluate import load_checkpoint
-    from herd_jax.models import resolve_model_path
+    from herd_jax.evaluate import load_checkpoint, unet_params
+    from herd_jax.models import load_pipeline, resolve_model_path
 
     out = pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not an empty directory")
-    step_dir, params = load_checkpoint(str(checkpoint_path))
+    step_dir, trained = load_checkpoint(str(checkpoint_path))
     cfg = config_lib.load_config([checkpoint.saved_config(checkpoint.find(step_dir))])
+    params = unet_params(cfg, trained, lambda: load_pipeline(cfg.model).params["unet"])  # LoRA: merged into the base
     src = resolve_model_path(cfg.model)
     unet_config = json.loads((src / "unet" / "config.json").read_text())
     model = flax_unet_to_torch(params, unet_config)

@@ -147,3 +147,44 @@ def test_export_refuses_a_non_empty_out(exported, run_dir, capsys):
     assert export.main(["--checkpoint", str(run_dir), "--out", str(exported)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not an empty directory" in err
+
+
+def test_export_merges_lora_adapters(tmp_path, tiny_sd):
+    """A LoRA checkpoint holds only adapters; the export is the base UNet with them merged in."""
+    import flax.struct
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from herd_jax import config as config_lib
+    from herd_jax.trainable import Trainable
+    from test_checkpoint import TINY, TINY_FILE
+
+    @flax.struct.dataclass
+    class State:
+        step: jax.Array
+        params: dict
+
+    cfg = config_lib.load_config([TINY_FILE], TINY + [f"run_dir={str(tmp_path / 'run')!r}", "num_epochs=1", "train.trainable='lora'"])
+    t = cfg.train
+    trainable = Trainable(t.trainable, t.trainable_pattern, t.lora_rank, t.lora_alpha)
+    adapters = trainable.init(tiny_sd.params["unet"], jax.random.PRNGKey(0))
+    adapters = {path: {"a": ab["a"], "b": jax.random.normal(jax.random.PRNGKey(i), ab["b"].shape) * 0.5} for i, (path, ab) in enumerate(adapters.items())}
+    manager = checkpoint.make_manager(cfg)
+    assert checkpoint.save(manager, State(jnp.int32(1), adapters), cfg, ["a cat"])
+    checkpoint.close(manager)
+
+    with torch_one_thread():
+        assert export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+        model = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet")
+        rng = np.random.default_rng(1)
+        sample = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+        timesteps = np.array([500], dtype=np.int32)
+        context = rng.standard_normal((1, 77, 32), dtype=np.float32)
+        expected = model(torch.from_numpy(sample), torch.from_numpy(timesteps).long(), torch.from_numpy(context)).sample.numpy()
+    unet = jax.jit(lambda p, x, t, c: tiny_sd.unet.apply({"params": p}, x, t, c, train=False).sample)
+    merged = np.asarray(unet(trainable.unet_params(adapters, tiny_sd.params["unet"]), sample, timesteps, context))
+    np.testing.assert_allclose(merged, expected, atol=1e-4, rtol=0)
+    base = np.asarray(unet(tiny_sd.params["unet"], sample, timesteps, context))
+    assert np.abs(base - merged).max() > 1e-3  # the adapters changed the UNet
