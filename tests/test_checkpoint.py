@@ -19,12 +19,14 @@ import os
 import pathlib
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 
+import flax.struct
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -231,73 +233,85 @@ def _leaves(tree):
     return jax.tree.leaves(tree)
 
 
-# --- the manager on a toy state ----------------------------------------------------------
+# --- the manager on a toy state, corrupt checkpoints, bad input ---------------------------
+
+
+@flax.struct.dataclass
+class Toy:
+    """Any pytree with a `step` saves and restores (None fields included)."""
+
+    step: jax.Array
+    params: dict
+    buffer: object = None
+
+
+def _toy(step: int) -> Toy:
+    return Toy(jnp.int32(step), {"w": jnp.full((3,), step, jnp.float32), "b": {"c": jnp.arange(8.0) * step}})
+
+
+def _toy_run(run_dir: pathlib.Path, *overrides: str, steps: int = 5) -> list[bool]:
+    cfg = config_lib.load_config([], [f"run_dir={str(run_dir)!r}", f"num_epochs={steps}", *overrides])
+    manager = checkpoint.make_manager(cfg)
+    saved = [checkpoint.save(manager, _toy(s), cfg, ["a", "b"]) for s in range(1, steps + 1)]
+    checkpoint.close(manager)
+    return saved
 
 
 @pytest.mark.parametrize("async_save", [True, False])
 def test_manager_policy_keep_and_any_pytree(tmp_path, async_save):
-    import flax.struct
-    import jax
-    import jax.numpy as jnp
-
-    @flax.struct.dataclass
-    class Toy:  # any pytree with a `step` saves and restores; None fields included
-        step: jax.Array
-        params: dict
-        buffer: object = None
-
-    overrides = [f"run_dir={str(tmp_path)!r}", "num_epochs=5", "checkpoint.save_every=2", "checkpoint.keep=2", f"checkpoint.async_save={str(async_save).lower()}"]
-    cfg = config_lib.load_config([], overrides)
-    manager = checkpoint.make_manager(cfg)
-    saved = [checkpoint.save(manager, Toy(jnp.int32(s), {"w": jnp.full((3,), float(s))}), cfg, ["a", "b"]) for s in range(1, 6)]
-    checkpoint.close(manager)
+    saved = _toy_run(tmp_path, "checkpoint.save_every=2", "checkpoint.keep=2", f"checkpoint.async_save={str(async_save).lower()}")
     assert saved == [False, True, False, True, True]  # every 2nd epoch and the last
     found = checkpoint.find(tmp_path)
     assert found.steps == (5, 4)  # keep=2
-    state, step = checkpoint.restore(found, Toy(jnp.int32(0), {"w": jnp.zeros((3,))}))
+    state, step = checkpoint.restore(found, _toy(0))
     assert step == 5 and isinstance(state, Toy) and state.buffer is None
-    np.testing.assert_array_equal(state.params["w"], [5.0, 5.0, 5.0])
+    assert_trees_identical(state, _toy(5))
     assert checkpoint.saved_prompts(found.step_dir(4)) == ["a", "b"]
     np.testing.assert_array_equal(checkpoint.load_params(found.step_dir(4))["w"], [4.0, 4.0, 4.0])
     assert checkpoint.make_manager(config_lib.load_config([], ["checkpoint.save_every=0"])) is None
 
 
-# --- corrupt checkpoints and bad input ---------------------------------------------------
+@pytest.fixture
+def toy_run(tmp_path) -> pathlib.Path:
+    _toy_run(tmp_path, "checkpoint.save_every=1", "checkpoint.keep=3", "checkpoint.async_save=false", steps=3)
+    assert checkpoint.find(tmp_path).steps == (3, 2, 1)
+    return tmp_path
 
 
-def test_corrupt_newest_checkpoint_is_skipped(runs, tmp_path, capsys):
-    straight, _ = runs.straight
-    shutil.copytree(straight / "checkpoints", tmp_path / "checkpoints")
-    for data in (tmp_path / "checkpoints" / "3" / "state").rglob("d/*"):
-        data.write_bytes(data.read_bytes()[:7])  # truncated array data
-    found = checkpoint.find(tmp_path)
-    assert found.steps == (3, 2, 1)
-    state, step = checkpoint.restore(found, raw_state(straight / "checkpoints" / "1"))
+def _truncate_arrays(step_dir: pathlib.Path) -> None:
+    data_files = list((step_dir / "state").rglob("d/*"))
+    assert data_files
+    for data in data_files:
+        data.write_bytes(data.read_bytes()[:7])
+
+
+def test_corrupt_newest_checkpoint_is_skipped(toy_run, capsys):
+    _truncate_arrays(toy_run / "checkpoints" / "3")
+    found = checkpoint.find(toy_run)
+    state, step = checkpoint.restore(found, _toy(0))
     assert step == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "skipping unreadable checkpoint" in err and "/3" in err
-    assert_trees_identical(state, raw_state(straight / "checkpoints" / "2"))
+    assert_trees_identical(state, _toy(2))
     # Continuing in that run dir renames the unreadable step aside, so step 3 can be saved again.
-    checkpoint.prepare_resume(found, step, tmp_path)
-    assert checkpoint.find(tmp_path).steps == (2, 1)
-    assert len(list((tmp_path / "checkpoints").glob("3.corrupt-*"))) == 1
+    checkpoint.prepare_resume(found, step, toy_run)
+    assert checkpoint.find(toy_run).steps == (2, 1)
+    assert len(list((toy_run / "checkpoints").glob("3.corrupt-*"))) == 1
 
 
-def test_all_checkpoints_unreadable_is_one_line_error(runs, tmp_path):
-    straight, _ = runs.straight
-    shutil.copytree(straight / "checkpoints" / "1", tmp_path / "checkpoints" / "1")
-    shutil.rmtree(tmp_path / "checkpoints" / "1" / "state" / "ocdbt.process_0")
+def test_all_checkpoints_unreadable_is_one_line_error(toy_run):
+    for step in (1, 2, 3):
+        _truncate_arrays(toy_run / "checkpoints" / str(step))
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint restores") as info:
-        checkpoint.restore(checkpoint.find(tmp_path), raw_state(straight / "checkpoints" / "1"))
+        checkpoint.restore(checkpoint.find(toy_run), _toy(0))
     assert "\n" not in str(info.value)
 
 
-def test_branching_from_an_older_step_needs_a_new_run_dir(runs):
-    straight, _ = runs.straight
-    older = checkpoint.find(straight / "checkpoints" / "1")
+def test_branching_from_an_older_step_needs_a_new_run_dir(toy_run):
+    older = checkpoint.find(toy_run / "checkpoints" / "1")
     with pytest.raises(checkpoint.CheckpointError, match="pass a new --run_dir"):
-        checkpoint.prepare_resume(older, 1, straight)
-    checkpoint.prepare_resume(older, 1, straight.parent / "branch")  # a new run dir is fine
+        checkpoint.prepare_resume(older, 1, toy_run)
+    checkpoint.prepare_resume(older, 1, toy_run / "branch")  # a new run dir is fine
 
 
 @pytest.mark.parametrize(
