@@ -1,0 +1,600 @@
+"""Memory planning without a GPU: compile the rollout and the train step for abstract shapes.
+
+Builds the SD v1.5 modules (or any diffusers directory's, `--model`) from their configs alone,
+gets the parameter shapes with `jax.eval_shape(init)` (no weights, no memory), lowers and
+compiles the exact jitted functions the trainer runs — the guided DDIM rollout with VAE decode,
+and `train_on_batch` with the DDPO loss (full fine-tune or LoRA, float32 or bf16 compute over
+float32 master params) — and prints XLA's `compiled.memory_analysis()` per device.
+
+What the numbers are: XLA's buffer assignment for this HLO on the backend that compiled it
+(XLA:CPU by default). A GPU or TPU compiles the same program with other fusions, layouts and
+(cuDNN/cuBLAS) workspaces and a different rematerialisation, so treat the CPU numbers as a
+planning estimate — the argument/output sizes are exact, the temporaries approximate. With
+`--devices N` the command sets `XLA_FLAGS=--xla_force_host_platform_device_count=N` itself
+before JAX starts its backend and shards the batch over a `data` mesh of N host devices, so
+the figures are per device.
+
+Examples:
+  python -m herd_jax.memory_plan                      # SD v1.5, 512 px, 50 steps, batch 1,4
+  python -m herd_jax.memory_plan --full               # batch 1,2,4,8 (slow: one compile per cell)
+  python -m herd_jax.memory_plan --devices 4 --batch 4,8 --train_batch 4 --json plan.json
+  python -m herd_jax.memory_plan --model tiny --resolution 32 --steps 4
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import inspect
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+GiB = 1024**3
+PLATFORMS = ("cpu", "gpu", "tpu")
+PHASES = ("rollout", "train")
+
+# Stable Diffusion v1.5 (runwayml/stable-diffusion-v1-5) configs, restricted to what the Flax
+# modules read; the values the Flax classes assume silently are the loader's (_FLAX_ASSUMES).
+SD15_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "attention_head_dim": 8,  # diffusers' legacy name: the number of heads in SD v1
+    "cross_attention_dim": 768,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "use_linear_projection": False,
+}
+SD15_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SD15_TEXT: dict[str, Any] = {  # CLIP ViT-L/14 text tower
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+SD15_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+NOTE = (
+    "Per-device bytes from XLA's buffer assignment of the compiled program on {backend} "
+    "(GiB = 2^30). args/out/alias/temp/code: compiled.memory_analysis(); total = args + out - alias + temp "
+    "+ code, what must fit in device memory; trained/opt: the trainable pytree and the AdamW state (both "
+    "inside args). Exact for params, optimizer state and inputs; temp is XLA's buffer assignment for this "
+    "backend, and a GPU/TPU differs (fusion, layouts, cuDNN/cuBLAS workspaces, native bf16): treat it as a "
+    "planning estimate. XLA's own peak_memory_in_bytes is in --json; on XLA:CPU it leaves the temporaries out."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfigs:
+    """Configs of the three networks and the noise schedule, as dicts the Flax classes take."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text: dict[str, Any]
+    scheduler: dict[str, Any]
+    name: str = "sd-v1.5"
+
+
+def sd15_configs() -> ModelConfigs:
+    return ModelConfigs(dict(SD15_UNET), dict(SD15_VAE), dict(SD15_TEXT), dict(SD15_SCHEDULER))
+
+
+def configs_from_dir(model: str | os.PathLike) -> ModelConfigs:
+    """Reads a diffusers-format directory's configs (or "tiny") exactly as the loader does; no weights."""
+    from herd_jax.models import loading
+
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+
+    path = loading.resolve_model_path(model)
+    text = loading._text_config(path).to_dict()
+    scheduler = dict(loading._scheduler(path).config)
+    return ModelConfigs(
+        unet=loading._module_config(path, "unet", FlaxUNet2DConditionModel),
+        vae=loading._module_config(path, "vae", FlaxAutoencoderKL),
+        text=text,
+        scheduler=scheduler,
+        name=str(model),
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AbstractModel:
+    """Flax modules computing in `compute_dtype` plus float32 master params as ShapeDtypeStructs."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    scheduler: Any
+    params: dict[str, Any]  # {"unet", "vae", "text_encoder"}: trees of jax.ShapeDtypeStruct
+    scaling_factor: float
+    latent_channels: int
+    vae_scale_factor: int
+    text_length: int
+    text_width: int
+
+
+def _as_float32(tree: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), tree)
+
+
+def abstract_model(configs: ModelConfigs, compute_dtype: Any) -> AbstractModel:
+    """Builds the modules and their parameter shapes with `jax.eval_shape` (nothing is allocated)."""
+    import jax
+    import jax.numpy as jnp
+    import herd_jax.models  # noqa: F401  (silences the Flax deprecation notices first)
+    from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
+    from transformers import CLIPTextConfig
+    from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
+
+    unet = FlaxUNet2DConditionModel(**configs.unet, dtype=compute_dtype)
+    vae = FlaxAutoencoderKL(**configs.vae, dtype=compute_dtype)
+    text_config = CLIPTextConfig(**configs.text)
+    text_encoder = FlaxCLIPTextModule(config=text_config, dtype=compute_dtype)
+    key = jax.random.PRNGKey(0)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    params = {
+        "unet": jax.eval_shape(unet.init_weights, key),
+        "vae": jax.eval_shape(vae.init_weights, key),
+        "text_encoder": jax.eval_shape(lambda k: text_encoder.init(k, ids, ids, ids)["params"], key),
+    }
+    fields = set(inspect.signature(FlaxDDIMScheduler.__init__).parameters) - {"self", "dtype"}
+    scheduler = FlaxDDIMScheduler.from_config({k: v for k, v in configs.scheduler.items() if k in fields})
+    return AbstractModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        scheduler=scheduler,
+        params=_as_float32(params),
+        scaling_factor=float(configs.vae.get("scaling_factor", 0.18215)),
+        latent_channels=int(configs.vae.get("latent_channels", 4)),
+        vae_scale_factor=2 ** (len(configs.vae["block_out_channels"]) - 1),
+        text_length=int(text_config.max_position_embeddings),
+        text_width=int(text_config.hidden_size),
+    )
+
+
+def make_abstract_policy(
+    model: AbstractModel, *, resolution: int, num_steps: int, eta: float = 1.0, guidance_scale: float = 5.0
+) -> Any:
+    """The trainer's `Policy` (UNet + DDIM + CFG) for images of `resolution` pixels."""
+    from herd_jax.diffusion import Policy, make_schedule
+
+    if resolution % model.vae_scale_factor:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling {model.vae_scale_factor}")
+    size = resolution // model.vae_scale_factor
+    return Policy(
+        unet=model.unet,
+        vae=model.vae,
+        scaling_factor=model.scaling_factor,
+        latent_shape=(model.latent_channels, size, size),
+        schedule=make_schedule(model.scheduler, num_steps),
+        eta=float(eta),
+        guidance_scale=float(guidance_scale),
+        prediction_type=model.scheduler.config.prediction_type,
+    )
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of all array leaves (ShapeDtypeStructs or arrays)."""
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def tree_size(tree: Any) -> int:
+    import jax
+    import numpy as np
+
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRow:
+    """One compiled program's per-device memory analysis (bytes) and how long it took to build."""
+
+    phase: str  # "rollout" | "train"
+    precision: str  # "fp32" | "bf16" (compute dtype; params are float32)
+    trainable: str  # "all" | "lora" | "filter" | "-" (rollout)
+    batch: int  # global batch (rollout: images; train: samples per minibatch)
+    devices: int
+    argument: int
+    output: int
+    alias: int
+    temp: int
+    code: int
+    peak: int  # XLA's heap-simulated peak (0 where the backend does not report it)
+    trained_params: int  # bytes of the trainable pytree (train rows)
+    opt_state: int  # bytes of the optimizer state (train rows)
+    lower_s: float
+    compile_s: float
+
+    @property
+    def total(self) -> int:
+        """Everything resident at once: arguments, outputs not aliased to arguments, temporaries, code."""
+        return self.argument + self.output - self.alias + self.temp + self.code
+
+
+def _row(phase, precision, trainable, batch, devices, compiled, lower_s, compile_s, trained=0, opt=0) -> MemoryRow:
+    stats = compiled.memory_analysis()
+    if stats is None:
+        raise RuntimeError("this backend returns no memory analysis")
+    return MemoryRow(
+        phase=phase,
+        precision=precision,
+        trainable=trainable,
+        batch=batch,
+        devices=devices,
+        argument=int(stats.argument_size_in_bytes),
+        output=int(stats.output_size_in_bytes),
+        alias=int(stats.alias_size_in_bytes),
+        temp=int(stats.temp_size_in_bytes),
+        code=int(stats.generated_code_size_in_bytes),
+        peak=int(getattr(stats, "peak_memory_in_bytes", 0) or 0),
+        trained_params=trained,
+        opt_state=opt,
+        lower_s=lower_s,
+        compile_s=compile_s,
+    )
+
+
+# Only the analysis is wanted, never the executable: on CPU skip LLVM's expensive optimisations.
+# They run after fusion and buffer assignment, so the memory analysis is unchanged (checked on
+# the tiny model's rollout and train step) and SD-size compiles take about half as long.
+CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _compile(jitted: Any, *args: Any) -> tuple[Any, float, float]:
+    """(compiled, lower seconds, compile seconds)."""
+    import jax
+
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile(CPU_FAST_COMPILE if jax.default_backend() == "cpu" else None)
+    return compiled, lowered_at - start, time.perf_counter() - lowered_at
+
+
+def _abstract_key() -> Any:
+    import jax
+
+    return jax.eval_shape(lambda: jax.random.PRNGKey(0))
+
+
+def plan_rollout(model: AbstractModel, policy: Any, batch: int, mesh: Any, precision: str) -> MemoryRow:
+    """Compiles the trainer's sharded rollout (guided DDIM scan + VAE decode) for `batch` images."""
+    import jax
+    import jax.numpy as jnp
+
+    from herd_jax import parallel
+    from herd_jax.trainer import make_rollout
+
+    parallel.check_divisible(batch, mesh, "rollout batch")
+    embed = lambda n: jax.ShapeDtypeStruct((n, model.text_length, model.text_width), jnp.float32)
+    frozen = {"vae": model.params["vae"], "prompt_embeds": embed(batch), "uncond": embed(1)}
+    ids = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    compiled, lower_s, compile_s = _compile(
+        make_rollout(policy, mesh), model.params["unet"], frozen, ids, _abstract_key()
+    )
+    return _row("rollout", precision, "-", batch, mesh.size, compiled, lower_s, compile_s)
+
+
+def plan_train(
+    model: AbstractModel, policy: Any, batch: int, mesh: Any, precision: str, trainable: Any
+) -> MemoryRow:
+    """Compiles the trainer's update: one inner epoch, one minibatch of `batch` samples, every timestep.
+
+    The DDPO loss (clipped ratio) through `Trainable.wrap_loss`/`optimizer`, AdamW behind
+    global-norm clipping, params and optimizer state donated, the batch sharded on `data`.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from herd_jax import parallel
+    from herd_jax.algorithms import ddpo
+    from herd_jax.train_step import TrainBatch, make_optimizer, train_on_batch
+
+    parallel.check_divisible(batch, mesh, "train batch")
+    base = model.params["unet"]
+    trained = jax.eval_shape(lambda b: trainable.init(b, jax.random.PRNGKey(0)), base)
+    optimizer = trainable.optimizer(make_optimizer(1e-5), trained)
+    opt_state = jax.eval_shape(optimizer.init, trained)
+    aux = {"uncond": jax.ShapeDtypeStruct((1, model.text_length, model.text_width), jnp.float32)}
+    if trainable.mode == "lora":
+        aux["base"] = base
+    steps = policy.num_steps
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    train_batch = TrainBatch(
+        latents=f32(batch, steps + 1, *policy.latent_shape),
+        log_probs=f32(batch, steps),
+        cond=f32(batch, model.text_length, model.text_width),
+        advantages=f32(batch),
+        rewards=f32(batch),
+    )
+    update = functools.partial(
+        train_on_batch,
+        trainable.wrap_loss(ddpo.make_loss(policy)),
+        optimizer,
+        num_inner_epochs=1,
+        minibatch_size=batch,
+        num_train_timesteps=steps,
+        mesh=mesh,
+    )
+    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    jitted = jax.jit(
+        update,
+        in_shardings=(replicated, replicated, replicated, sharded, replicated, replicated),
+        out_shardings=replicated,
+        donate_argnums=(0, 1),
+    )
+    timesteps = jax.ShapeDtypeStruct((steps,), jnp.int32)
+    compiled, lower_s, compile_s = _compile(jitted, trained, opt_state, aux, train_batch, timesteps, _abstract_key())
+    return _row(
+        "train", precision, trainable.mode, batch, mesh.size, compiled, lower_s, compile_s,
+        trained=tree_bytes(trained), opt=tree_bytes(opt_state),
+    )
+
+
+def plan(
+    configs: ModelConfigs,
+    *,
+    resolution: int,
+    num_steps: int,
+    batches: Sequence[int],
+    train_batches: Sequence[int],
+    precisions: Sequence[str] = ("fp32", "bf16"),
+    trainables: Sequence[str] = ("all", "lora"),
+    lora_rank: int = 4,
+    devices: int = 1,
+    phases: Sequence[str] = PHASES,
+    progress: Any = None,
+) -> list[MemoryRow]:
+    """Compiles every (phase, precision, trainable, batch) cell and returns its memory row.
+
+    `progress(row)` is called after each compile (the CLI prints as it goes: SD cells take minutes).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from herd_jax import parallel
+    from herd_jax.trainable import Trainable
+
+    dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+    unknown = [p for p in precisions if p not in dtypes]
+    if unknown:
+        raise ValueError(f"unknown precision {unknown[0]!r}; choose from fp32, bf16")
+    if devices > len(jax.devices()):
+        raise ValueError(f"--devices {devices} but JAX sees {len(jax.devices())} device(s)")
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    modes = [Trainable(mode=m, rank=lora_rank, alpha=float(lora_rank)) for m in trainables]
+    rows = []
+    for precision in precisions:
+        model = abstract_model(configs, dtypes[precision])
+        policy = make_abstract_policy(model, resolution=resolution, num_steps=num_steps)
+        cells = []
+        if "rollout" in phases:
+            cells += [functools.partial(plan_rollout, model, policy, b, mesh, precision) for b in batches]
+        if "train" in phases:
+            cells += [
+                functools.partial(plan_train, model, policy, b, mesh, precision, t) for t in modes for b in train_batches
+            ]
+        for cell in cells:
+            rows.append(cell())
+            if progress is not None:
+                progress(rows[-1])
+    return rows
+
+
+def model_summary(configs: ModelConfigs) -> dict[str, dict[str, int]]:
+    """Parameter counts and float32 bytes of each network, from the abstract pytrees."""
+    import jax.numpy as jnp
+
+    model = abstract_model(configs, jnp.float32)
+    return {name: {"params": tree_size(tree), "bytes": tree_bytes(tree)} for name, tree in model.params.items()}
+
+
+_COLUMNS = (
+    ("phase", 7), ("prec", 4), ("train", 5), ("batch", 5), ("dev", 3), ("args", 7), ("out", 7), ("alias", 7),
+    ("temp", 7), ("code", 6), ("total", 7), ("trained", 7), ("opt", 7), ("compile s", 9),
+)
+
+
+def format_table(rows: Sequence[MemoryRow]) -> str:
+    """A Markdown table of rows, sizes in GiB per device."""
+    gib = lambda b: f"{b / GiB:.2f}" if b == 0 or b >= 0.1 * GiB else f"{b / GiB:.3f}"
+    lines = [
+        "| " + " | ".join(name for name, _ in _COLUMNS) + " |",
+        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(_COLUMNS))) + "|",
+    ]
+    for r in rows:
+        train_only = lambda b: gib(b) if r.phase == "train" else "-"
+        cells = (
+            r.phase, r.precision, r.trainable, str(r.batch), str(r.devices), gib(r.argument), gib(r.output),
+            gib(r.alias), gib(r.temp), gib(r.code), gib(r.total),
+            train_only(r.trained_params), train_only(r.opt_state), f"{r.lower_s + r.compile_s:.0f}",
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _choices(allowed: Sequence[str]):
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(allowed)}, got {text!r}")
+        return values
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m herd_jax.memory_plan",
+        description="Per-device memory of the rollout and train step for SD v1.5 shapes, from compiling with "
+        "abstract inputs (no weights, no GPU needed).",
+        epilog="Numbers come from XLA's buffer assignment on the compiling backend (CPU by default): a planning "
+        "estimate; GPU/TPU temporaries differ.",
+    )
+    parser.add_argument("--model", default=None, help="read the configs of a diffusers directory (or 'tiny') instead of SD v1.5's")
+    parser.add_argument("--resolution", type=int, default=512, help="image size in pixels (default 512)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps, all of them trained (default 50)")
+    parser.add_argument("--batch", type=_ints, default=[1, 4], help="rollout batch sizes (default 1,4)")
+    parser.add_argument("--train_batch", type=_ints, default=[1, 4], help="train minibatch sizes (default 1,4)")
+    parser.add_argument("--full", action="store_true", help="the full grid: batch and train_batch 1,2,4,8 (slow)")
+    parser.add_argument("--precision", type=_choices(("fp32", "bf16")), default=["fp32", "bf16"], help="compute dtypes (default fp32,bf16)")
+    parser.add_argument("--trainable", type=_choices(("all", "lora", "filter")), default=["all", "lora"], help="trainable subsets (default all,lora)")
+    parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank (default 4)")
+    parser.add_argument("--phases", type=_choices(PHASES), default=list(PHASES), help="rollout,train (default both)")
+    parser.add_argument(
+        "--memory_efficient_attention", action="store_true",
+        help="plan with the Flax UNet's chunked (memory-efficient) attention; the trainer's loader does not set it",
+    )
+    parser.add_argument("--devices", type=int, default=1, help="shard the batch over N devices (CPU: N forced host devices)")
+    parser.add_argument("--platform", choices=PLATFORMS, default="cpu", help="backend that compiles (default cpu)")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the rows and metadata as JSON")
+    args = parser.parse_args(argv)
+    if args.full:
+        args.batch = args.train_batch = [1, 2, 4, 8]
+    for name in ("resolution", "steps", "devices", "lora_rank"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    for name in ("batch", "train_batch"):
+        bad = [b for b in getattr(args, name) if b % args.devices]
+        if bad:
+            parser.error(f"--{name} {bad[0]} is not a multiple of --devices {args.devices}")
+    return args
+
+
+def _configure_backend(platform_name: str, devices: int) -> None:
+    """Chooses the backend and, on CPU, forces `devices` host devices, before JAX starts a backend."""
+    if platform_name == "cpu" and devices > 1:
+        flag = f"--xla_force_host_platform_device_count={devices}"
+        os.environ["XLA_FLAGS"] = " ".join(
+            [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")] + [flag]
+        )
+    import jax
+
+    jax.config.update("jax_platforms", platform_name)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    _configure_backend(args.platform, args.devices)
+    import jax
+
+    try:
+        configs = sd15_configs() if args.model is None else configs_from_dir(args.model)
+        if args.memory_efficient_attention:
+            configs = dataclasses.replace(configs, unet={**configs.unet, "use_memory_efficient_attention": True})
+        if len(jax.devices()) < args.devices:
+            raise ValueError(f"--devices {args.devices} but the {args.platform} backend has {len(jax.devices())}")
+    except ValueError as e:  # includes ModelNotFoundError: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    backend = f"XLA:{jax.default_backend().upper()} ({jax.devices()[0].device_kind})"
+    summary = model_summary(configs)
+    print(f"model {configs.name}: " + ", ".join(
+        f"{name} {s['params'] / 1e6:.1f}M params ({s['bytes'] / GiB:.2f} GiB fp32)" for name, s in summary.items()
+    ))
+    print(
+        f"{args.resolution} px, {args.steps} DDIM steps, CFG on (two UNet passes per step), every step trained, "
+        f"{'memory-efficient' if args.memory_efficient_attention else 'plain'} attention; "
+        f"{args.devices} device(s) on {backend}, {os.cpu_count()} host cores. Compiling each cell (may take minutes)...",
+        flush=True,
+    )
+    report = lambda r: print(
+        f"  {r.phase} {r.precision} {r.trainable} batch {r.batch}: total {r.total / GiB:.2f} GiB, "
+        f"compiled in {r.lower_s + r.compile_s:.0f} s (lower {r.lower_s:.0f} s)", flush=True
+    )
+    started = time.perf_counter()
+    rows = plan(
+        configs, resolution=args.resolution, num_steps=args.steps, batches=args.batch, train_batches=args.train_batch,
+        precisions=args.precision, trainables=args.trainable, lora_rank=args.lora_rank, devices=args.devices,
+        phases=args.phases, progress=report,
+    )
+    print()
+    print(format_table(rows))
+    print()
+    print(NOTE.format(backend=backend))
+    print(f"{len(rows)} compiles in {time.perf_counter() - started:.0f} s.")
+    if args.json is not None:
+        meta = {
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}",
+            "backend": backend,
+            "jax": jax.__version__,
+            "model": configs.name,
+            "resolution": args.resolution,
+            "steps": args.steps,
+            "devices": args.devices,
+            "memory_efficient_attention": args.memory_efficient_attention,
+            "params": summary,
+            "note": NOTE.format(backend=backend),
+        }
+        rows_json = [dict(dataclasses.asdict(r), total=r.total) for r in rows]
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows_json}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

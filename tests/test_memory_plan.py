@@ -1,0 +1,82 @@
+"""Memory planner on the tiny model's configs: compiled analyses obey the invariants a plan relies on."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from herd_jax import memory_plan as mp
+
+STEPS = 2
+RESOLUTION = 32
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """Six small compiles: rollout fp32/bf16 at batch 1 and 4, train step full vs LoRA at batch 1."""
+    from herd_jax import parallel
+    from herd_jax.models import tiny_model_path
+    from herd_jax.trainable import Trainable
+
+    configs = mp.configs_from_dir(tiny_model_path())
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    out = {}
+    for precision, dtype in [("fp32", jnp.float32), ("bf16", jnp.bfloat16)]:
+        model = mp.abstract_model(configs, dtype)
+        policy = mp.make_abstract_policy(model, resolution=RESOLUTION, num_steps=STEPS)
+        for batch in (1, 4):
+            out["rollout", precision, batch] = mp.plan_rollout(model, policy, batch, mesh, precision)
+        if precision == "fp32":
+            for mode in ("all", "lora"):
+                out["train", mode] = mp.plan_train(model, policy, 1, mesh, precision, Trainable(mode=mode, rank=2))
+    return out
+
+
+def test_abstract_params_are_float32_master_params():
+    configs = mp.configs_from_dir("tiny")
+    model = mp.abstract_model(configs, jnp.bfloat16)
+    leaves = jax.tree.leaves(model.params)
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == jnp.float32 for x in leaves)
+    assert model.unet.dtype == jnp.bfloat16
+    # SD v1.5's UNet has 859.5M parameters (the published count): the constants describe the real model.
+    sd = mp.abstract_model(mp.sd15_configs(), jnp.float32)
+    assert round(mp.tree_size(sd.params["unet"]) / 1e6, 1) == 859.5
+    assert round(mp.tree_size(sd.params["vae"]) / 1e6, 1) == 83.7
+    assert round(mp.tree_size(sd.params["text_encoder"]) / 1e6, 1) == 123.1
+
+
+def test_lora_train_step_needs_less_than_full_fine_tuning(rows):
+    full, lora = rows["train", "all"], rows["train", "lora"]
+    # Full fine-tuning carries params + two AdamW moments (donated: the outputs alias them);
+    # LoRA carries the frozen UNet once plus tiny adapters and their state.
+    assert lora.argument < full.argument
+    assert lora.trained_params < full.trained_params / 20 and lora.opt_state < full.opt_state / 20
+    assert full.opt_state >= 2 * full.trained_params
+    assert full.alias >= full.trained_params + full.opt_state  # donation reuses the param/state buffers
+    assert lora.total < full.total
+
+
+def test_temporaries_grow_with_batch(rows):
+    for precision in ("fp32", "bf16"):
+        small, large = rows["rollout", precision, 1], rows["rollout", precision, 4]
+        assert large.temp > small.temp
+        assert large.output > small.output
+        assert large.argument >= small.argument  # only the prompt embeddings grow
+
+
+def test_bf16_activations_are_smaller(rows):
+    fp32_growth = rows["rollout", "fp32", 4].temp - rows["rollout", "fp32", 1].temp
+    bf16_growth = rows["rollout", "bf16", 4].temp - rows["rollout", "bf16", 1].temp
+    # The batch-proportional part of temp (activations) is smaller in bf16. (The fixed part is not
+    # on XLA:CPU, which keeps bf16 copies of the float32 params and upcasts bf16 convolutions; see README.)
+    assert bf16_growth < 0.75 * fp32_growth
+    # Params stay float32 in both: identical argument bytes.
+    assert rows["rollout", "bf16", 1].argument == rows["rollout", "fp32", 1].argument
+
+
+def test_table_and_cli_errors(rows, capsys):
+    table = mp.format_table(list(rows.values()))
+    assert table.count("\n") == len(rows) + 1 and "| rollout | bf16 |" in table
+    with pytest.raises(SystemExit):
+        mp.parse_args(["--devices", "2", "--batch", "3"])
+    assert "not a multiple of --devices" in capsys.readouterr().err
+    args = mp.parse_args(["--full"])
+    assert args.batch == args.train_batch == [1, 2, 4, 8]
