@@ -222,6 +222,7 @@ def tree_bytes(tree: Any) -> int:
 
 
 def tree_size(tree: Any) -> int:
+    """Number of array elements (parameters) in a pytree."""
     import jax
     import numpy as np
 
@@ -432,17 +433,14 @@ def model_summary(configs: ModelConfigs) -> dict[str, dict[str, int]]:
     return {name: {"params": tree_size(tree), "bytes": tree_bytes(tree)} for name, tree in model.params.items()}
 
 
-_COLUMNS = (
-    ("phase", 7), ("prec", 4), ("train", 5), ("batch", 5), ("dev", 3), ("args", 7), ("out", 7), ("alias", 7),
-    ("temp", 7), ("code", 6), ("total", 7), ("trained", 7), ("opt", 7), ("compile s", 9),
-)
+_COLUMNS = ("phase", "prec", "train", "batch", "dev", "args", "out", "alias", "temp", "code", "total", "trained", "opt", "compile s")
 
 
 def format_table(rows: Sequence[MemoryRow]) -> str:
     """A Markdown table of rows, sizes in GiB per device."""
     gib = lambda b: f"{b / GiB:.2f}" if b == 0 or b >= 0.1 * GiB else f"{b / GiB:.3f}"
     lines = [
-        "| " + " | ".join(name for name, _ in _COLUMNS) + " |",
+        "| " + " | ".join(_COLUMNS) + " |",
         "|" + "|".join("---" if i < 3 else "---:" for i in range(len(_COLUMNS))) + "|",
     ]
     for r in rows:
