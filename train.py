@@ -123,7 +123,6 @@ def resolve_run(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from herd_jax.checkpoint import CheckpointError
     from herd_jax.errors import quiet_libraries, user_errors
 
     quiet_libraries()
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             return 0
         train_and_evaluate(cfg, resume=resume)
-    except (*user_errors(), CheckpointError) as e:
+    except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

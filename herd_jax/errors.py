@@ -8,12 +8,13 @@ import warnings
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The exception types whose message is a complete, one-line explanation for the user."""
+    from herd_jax.checkpoint import CheckpointError
     from herd_jax.config import ConfigError
     from herd_jax.models import ModelNotFoundError
     from herd_jax.prompts import PromptError
     from herd_jax.rewards import RewardError
 
-    return (ConfigError, ModelNotFoundError, PromptError, RewardError)
+    return (CheckpointError, ConfigError, ModelNotFoundError, PromptError, RewardError)
 
 
 def quiet_libraries() -> None:

@@ -375,6 +375,58 @@ def host_rng(key: jax.Array) -> np.random.Generator:
     return np.random.default_rng(np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key))
 
 
+class UpdateBatch(NamedTuple):
+    """What the update trains on: replay items (herd.trajectory_item layout) with a validity mask."""
+
+    items: dict[str, jax.Array]  # latents, log_probs, prompt_id, prompt_embeds, reward; leading axis N
+    valid: jax.Array  # bool[N]  False rows (an empty replay) get zero advantage
+    buffer: replay.ReplayBuffer | None
+    stats: stats.PromptStats
+    queries: int  # reward queries spent building it (relabeling)
+    metrics: dict[str, float]
+
+
+def herd_batch(setup: Setup, state: TrainState, fresh: dict, prompt_stats: stats.PromptStats, unet_params: Params,
+               images: np.ndarray, prompt_ids: np.ndarray, key: jax.Array) -> UpdateBatch:
+    """Relabels the fresh trajectories (real reward queries), stores the copies, and appends a replay draw."""
+    h, steps = setup.cfg.herd, setup.steps
+    goal_key, replay_key = jax.random.split(key)
+    goal_ids, goal_rewards, goal_valid, queries = herd.choose_goals(
+        host_rng(goal_key), prompt_ids, images,
+        strategy=h.goal_strategy, copies=h.copies, num_prompts=len(setup.prompts),
+        sentence_ids=setup.sentence_ids, best_candidates=h.best_candidates,
+        score=lambda images, goals: score_split(setup, images, goals),
+    )
+    goal_ids, goal_rewards, goal_valid = jnp.asarray(goal_ids), jnp.asarray(goal_rewards), jnp.asarray(goal_valid)
+    buffer, replayed, replayed_valid = steps["herd_replay"](
+        state.buffer, unet_params, setup.frozen["uncond"], fresh, goal_ids, setup.frozen["prompt_embeds"][goal_ids],
+        goal_rewards, goal_valid, state.step, replay_key,
+    )
+    prompt_stats = steps["update_stats"](prompt_stats, goal_ids, goal_rewards, goal_valid)
+    metrics = {
+        "herd/relabeled_reward": float(goal_rewards[goal_valid].mean()) if bool(goal_valid.any()) else float("nan"),
+        "herd/replayed_valid": float(np.asarray(replayed_valid).mean()),
+    }
+    items = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), fresh, replayed)
+    valid = jnp.concatenate([jnp.ones(len(prompt_ids), bool), replayed_valid])
+    return UpdateBatch(items, valid, buffer, prompt_stats, queries, metrics)
+
+
+def dpok_batch(setup: Setup, state: TrainState, fresh: dict, prompt_stats: stats.PromptStats, key: jax.Array) -> UpdateBatch:
+    """Pushes the fresh trajectories into the FIFO and draws the update batch from it."""
+    buffer = setup.steps["store_fresh"](state.buffer, fresh, state.step)
+    items, info = setup.steps["sample_buffer"](buffer, key, fresh["reward"].shape[0])
+    return UpdateBatch(items, info["valid"], buffer, prompt_stats, 0, {})
+
+
+def update_value(setup: Setup, value: dict[str, Any], items: dict[str, jax.Array]) -> tuple[dict[str, Any], float]:
+    """dpok: one MSE step of the value network on the update batch."""
+    params, opt_state, loss = setup.steps["value_update"](
+        value["params"], value["opt_state"], items["latents"], items["prompt_embeds"], items["reward"], setup.policy.schedule.timesteps
+    )
+    return {"params": params, "opt_state": opt_state}, float(loss)
+
+
 def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, float], EpochSamples]:
     """One epoch: sample, score, (relabel / replay), normalise, update. Returns the new state and metrics."""
     cfg, name, steps = setup.cfg, setup.cfg.algorithm.name, setup.steps
@@ -389,63 +441,37 @@ def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, fl
         behaviour = setup.frozen["pretrained"] if pretrained else unet_params
         extra["rollout/from_pretrained"] = float(pretrained)
     trajectories, images, prompt_ids, rewards = collect_rollouts(setup, behaviour, sample_key)
-    queries = len(rewards)
 
     ids = parallel.shard_batch(prompt_ids, setup.mesh)
     rewards_dev = parallel.shard_batch(rewards, setup.mesh)
     fresh = herd.trajectory_item(trajectories.latents, trajectories.log_probs, ids, setup.frozen["prompt_embeds"][ids], rewards_dev)
     prompt_stats = steps["update_stats"](state.stats, ids, rewards_dev)
-    batch, valid, buffer = fresh, jnp.ones(len(rewards), bool), state.buffer
-
     if name == "herd":
-        h = cfg.herd
-        goal_ids, goal_rewards, goal_valid, relabel_queries = herd.choose_goals(
-            host_rng(algo_key), prompt_ids, images,
-            strategy=h.goal_strategy, copies=h.copies, num_prompts=len(setup.prompts),
-            sentence_ids=setup.sentence_ids, best_candidates=h.best_candidates,
-            score=lambda images, goals: score_split(setup, images, goals),
-        )
-        queries += relabel_queries
-        goal_ids_dev = jnp.asarray(goal_ids)
-        buffer, replayed, replayed_valid = steps["herd_replay"](
-            buffer, unet_params, setup.frozen["uncond"], fresh, goal_ids_dev, setup.frozen["prompt_embeds"][goal_ids_dev],
-            jnp.asarray(goal_rewards), jnp.asarray(goal_valid), state.step, replay_key,
-        )
-        prompt_stats = steps["update_stats"](prompt_stats, goal_ids_dev, jnp.asarray(goal_rewards), jnp.asarray(goal_valid))
-        batch = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), fresh, replayed)
-        valid = jnp.concatenate([valid, replayed_valid])
-        extra["herd/relabeled_reward"] = float(goal_rewards[goal_valid].mean()) if goal_valid.any() else float("nan")
-        extra["herd/replayed_valid"] = float(np.asarray(replayed_valid).mean())
+        batch = herd_batch(setup, state, fresh, prompt_stats, unet_params, images, prompt_ids, jax.random.fold_in(algo_key, 1))
     elif name == "dpok":
-        buffer = steps["store_fresh"](buffer, fresh, state.step)
-        batch, info = steps["sample_buffer"](buffer, replay_key, len(rewards))
-        valid = info["valid"]
+        batch = dpok_batch(setup, state, fresh, prompt_stats, replay_key)
+    else:
+        batch = UpdateBatch(fresh, jnp.ones(len(rewards), bool), state.buffer, prompt_stats, 0, {})
+    extra.update(batch.metrics)
 
-    batch = jax.device_put(batch, parallel.batch_sharded(setup.mesh))
-    valid = jax.device_put(valid, parallel.batch_sharded(setup.mesh))
-    advantages = steps["advantages"](prompt_stats, batch["prompt_id"], batch["reward"], valid=valid) * valid
-    value = state.value
+    items = jax.device_put(batch.items, parallel.batch_sharded(setup.mesh))
+    valid = jax.device_put(batch.valid, parallel.batch_sharded(setup.mesh))
+    advantages = steps["advantages"](batch.stats, items["prompt_id"], items["reward"], valid=valid) * valid
+    value, aux = state.value, {"uncond": setup.frozen["uncond"], "base": setup.frozen.get("base")}
     if name == "dpok":
-        value_params, value_opt, value_loss = steps["value_update"](
-            value["params"], value["opt_state"], batch["latents"], batch["prompt_embeds"], batch["reward"], setup.policy.schedule.timesteps
-        )
-        value = {"params": value_params, "opt_state": value_opt}
-        extra["train/value_loss"] = float(value_loss)
-    aux = {"uncond": setup.frozen["uncond"], "base": setup.frozen.get("base")}
-    if name == "dpok":
+        value, extra["train/value_loss"] = update_value(setup, value, items)
         aux.update(pretrained=setup.frozen["pretrained"], value=value["params"])
     train_batch = TrainBatch(
-        latents=batch["latents"], log_probs=batch["log_probs"], cond=batch["prompt_embeds"], advantages=advantages, rewards=batch["reward"]
+        latents=items["latents"], log_probs=items["log_probs"], cond=items["prompt_embeds"], advantages=advantages, rewards=items["reward"]
     )
     params, opt_state, info = steps["update"](state.params, state.opt_state, aux, train_batch, setup.policy.schedule.timesteps, train_key)
-    if name == "herd":
-        buffer = steps["store_fresh"](buffer, fresh, state.step)
+    buffer = steps["store_fresh"](batch.buffer, fresh, state.step) if name == "herd" else batch.buffer
     state = state.replace(
         step=state.step + 1,
         params=params,
         opt_state=opt_state,
-        stats=prompt_stats,
-        reward_queries=state.reward_queries + queries,
+        stats=batch.stats,
+        reward_queries=state.reward_queries + len(rewards) + batch.queries,
         buffer=buffer,
         value=value,
     )
