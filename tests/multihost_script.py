@@ -1,4 +1,4 @@
-"""Two epochs of herd on the tiny model in one process of a (possibly multi-process) run.
+"""Two epochs of ddpo on the tiny model in one process of a (possibly multi-process) run.
 
 Usage: multihost_script.py OUT.npz [PROCESS_ID NUM_PROCESSES PORT]. Process 0 writes the
 per-epoch rewards and the final UNet params. Run by test_multihost.py.
@@ -21,8 +21,8 @@ cfg = config_lib.load_config(
     ["configs/tiny.toml"],
     [
         "run_dir=\"/tmp/herd_jax_multihost\"", "logging.log_with=\"none\"", "checkpoint.save_every=0",
-        "algorithm.name=\"herd\"", "sample.num_steps=2", "sample.batch_size=4", "sample.num_batches_per_epoch=1",
-        "train.batch_size=4", "herd.best_candidates=3",
+        "algorithm.name=\"ddpo\"", "sample.num_steps=2", "sample.batch_size=4", "sample.num_batches_per_epoch=1",
+        "train.batch_size=4",
     ],
 )
 setup, state = trainer.build(cfg)

@@ -17,7 +17,7 @@ def run_train(*args, timeout=600):
 
 
 def test_two_epoch_run_on_tiny_model(tmp_path):
-    result = run_train("--config", "configs/tiny.toml", "--run_dir", str(tmp_path / "run"), "--num_epochs", "2", "--log_with", "tensorboard")
+    result = run_train("--config", "configs/tiny.toml", "--config", "tests/fast.toml", "--run_dir", str(tmp_path / "run"), "--num_epochs", "2", "--log_with", "tensorboard")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [l for l in result.stdout.splitlines() + result.stderr.splitlines() if re.search(r"epoch +\d+ \| reward", l)]
     assert len(lines) == 2, result.stdout[-2000:]

@@ -31,7 +31,10 @@ def test_two_processes_match_one(tmp_path):
         assert p.returncode == 0, out[-3000:]
     a, b = np.load(single), np.load(multi)
     assert int(a["num_devices"]) == int(b["num_devices"]) == 4
-    np.testing.assert_allclose(b["rewards"], a["rewards"], rtol=1e-5, atol=1e-6)
+    # Epoch 0 samples with the initial params: equal to float precision. Epoch 1 samples after an
+    # update whose gradients were all-reduced in another order: equal to 1e-3.
+    np.testing.assert_allclose(b["rewards"][0], a["rewards"][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b["rewards"][1], a["rewards"][1], rtol=1e-3, atol=1e-5)
     assert int(a["queries"]) == int(b["queries"]) > 0
     keys = [k for k in a.files if k not in ("rewards", "queries", "num_devices")]
     assert keys and sorted(keys) == sorted(k for k in b.files if k not in ("rewards", "queries", "num_devices"))

@@ -15,10 +15,9 @@ def flat(params):
 
 def one_epoch(tmp_path, mode):
     cfg = config_lib.load_config(
-        ["configs/tiny.toml"],
+        ["configs/tiny.toml", "tests/fast.toml"],
         [
             f'run_dir="{tmp_path}"', 'logging.log_with="none"', "checkpoint.save_every=0", 'algorithm.name="ddpo"',
-            "sample.num_steps=2", "sample.batch_size=4", "sample.num_batches_per_epoch=1", "train.batch_size=4",
             f'train.trainable="{mode}"', "train.clip_range=0.2",
         ],
     )
