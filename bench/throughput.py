@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="samples per rollout call B (sample.batch_size)")
     p.add_argument("--batches", type=int, default=2, help="rollout calls per epoch K (sample.num_batches_per_epoch)")
     p.add_argument("--train_batch", type=int, default=None, help="train.batch_size (default: --batch)")
+    p.add_argument("--algorithm", default="ddpo", help="algorithm.name (default ddpo; herd adds replayed samples to each update)")
+    p.add_argument("--trainable", default="all", help="train.trainable: all (full fine-tune, default), filter or lora")
     p.add_argument("--guidance", type=float, default=5.0, help="guidance scale (1.0 skips the unconditional pass)")
     p.add_argument("--devices", type=int, default=None, help="devices on the data axis; on CPU forces that many host devices")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
@@ -84,6 +86,10 @@ def make_config(args: argparse.Namespace, run_dir: str):
     overrides = {
         "model": args.model,
         "run_dir": run_dir,
+        "prompts": "animals",
+        "algorithm.name": args.algorithm,
+        "precision": "fp32",
+        "train.trainable": args.trainable,
         "sample.num_steps": args.steps,
         "sample.batch_size": args.batch,
         "sample.num_batches_per_epoch": args.batches,
@@ -94,6 +100,12 @@ def make_config(args: argparse.Namespace, run_dir: str):
         "logging.image_every": 0,
     }
     return config_lib.load_config([str(REPO / "configs" / "tiny.toml")], [config_lib.nested({k: v}) for k, v in overrides.items()])
+
+
+def unet_params(setup, state):
+    """The full UNet params the rollout takes (for LoRA: base + adapters merged, as run_epoch does)."""
+    merge = setup.steps.get("unet_params")
+    return merge(state.params, setup.frozen.get("base")) if merge else state.params
 
 
 def unet_floor_fns(policy, mesh, batch: int):
@@ -146,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     key = jax.random.PRNGKey(0)
     ids = parallel.shard_batch(np.arange(B, dtype=np.int32) % len(setup.prompts), mesh)
     rows: list[tuple[str, float, float, float, str]] = []  # name, median s, samples/s, first-call s, note
+    params = unet_params(setup, state)
 
     if "rollout" in measure:
         def rollout():
-            jax.block_until_ready(setup.rollout(state.params, setup.frozen, ids, key))
+            jax.block_until_ready(setup.rollout(params, setup.frozen, ids, key))
 
         med, _, first = timed(rollout, args.repeats, args.warmup)
         rows.append(("rollout (T steps + decode)", med, B / med, first, f"{B} samples"))
@@ -163,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         def floor_calls():
             y = x
             for t in timesteps:
-                y = call(state.params, y, t, cond)
+                y = call(params, y, t, cond)
             jax.block_until_ready(y)
 
         med, _, first = timed(floor_calls, args.repeats, args.warmup)
         rows.append(("floor, T calls (bare UNet)", med, B / med, first, f"{T} x UNet[{n}]"))
-        med, _, first = timed(lambda: jax.block_until_ready(scan(state.params, x, cond)), args.repeats, args.warmup)
+        med, _, first = timed(lambda: jax.block_until_ready(scan(params, x, cond)), args.repeats, args.warmup)
         rows.append(("floor, 1 call (bare UNet)", med, B / med, first, f"fori_loop {T} x UNet[{n}]"))
 
     if "decode" in measure:
@@ -178,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("VAE decode alone", med, B / med, first, f"{B} latents"))
 
     if "epoch" in measure:
+        del params  # run_epoch donates the state's buffers
         holder = {"state": state}
 
         def epoch():
@@ -235,8 +249,8 @@ def epoch_breakdown(setup, epoch: Callable[[], None], repeats: int, samples: int
 
 def print_table(args: argparse.Namespace, rows, num_devices: int, platform: str) -> None:
     print(
-        f"\nmodel={args.model} steps={args.steps} batch={args.batch} batches/epoch={args.batches} "
-        f"train_batch={args.train_batch or args.batch} guidance={args.guidance} update={args.update} devices={num_devices} ({platform}) "
+        f"\nmodel={args.model} algorithm={args.algorithm} steps={args.steps} batch={args.batch} batches/epoch={args.batches} "
+        f"train_batch={args.train_batch or args.batch} trainable={args.trainable} guidance={args.guidance} update={args.update} devices={num_devices} ({platform}) "
         f"repeats={args.repeats} (median)\n"
     )
     print("| measurement | median s | samples/s | first call s | what |")

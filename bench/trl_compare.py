@@ -6,7 +6,7 @@ safetensors) and run DDPO with the same settings: DDIM steps, eta 1, guidance 5 
 empty prompt, sample batch size and batches per epoch, train batch size, every timestep trained,
 one inner epoch, AdamW (lr 3e-4, wd 1e-4, grad-norm clip 1), per-prompt advantages (window 16,
 min count 4), JPEG-compressibility reward (PIL, quality 95, -kB), full UNet fine-tuning (TRL:
-use_lora=False), float32 (TRL: mixed_precision="no"), CPU, DDPO's "animals" prompts.
+use_lora=False; --lora: rank-4 adapters on the attention q/k/v/out projections on both), float32 (TRL: mixed_precision="no"), CPU, DDPO's "animals" prompts.
 
 Each system runs in its own long-lived worker process (herd-jax in this interpreter, TRL in
 bench/.venv-trl built by bench/setup_trl_env.sh). Both are built and warmed up (one sampling
@@ -57,11 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (each: sampling + epoch, per side)")
     p.add_argument("--update", choices=["trainer", "host_loop", "both"], default="trainer",
                    help="herd-jax's update: the trainer's (default), bench/host_loop_update.py (the proposed CPU fix), or both side by side")
-    p.add_argument("--torch_threads", type=int, default=None, help="torch.set_num_threads for TRL (default: torch's own choice)")
+    p.add_argument("--torch_threads", default="default",
+                   help="torch.set_num_threads for TRL, comma-separated for one TRL worker each, e.g. 'default,1'; "
+                        "ratios are taken against the fastest TRL worker")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 4, alpha 4, attention q/k/v/out) on both sides instead of the full UNet")
     p.add_argument("--model", default=None, help="diffusers SD directory both load (default: herd-jax's tiny model)")
     p.add_argument("--trl_python", default=os.environ.get("TRL_PYTHON", str(DEFAULT_TRL_PYTHON)), help="python of the TRL environment")
     p.add_argument("--worker", choices=["herd", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -113,12 +117,13 @@ def herd_worker(s: dict[str, Any], update: str) -> None:
     quiet_libraries()
     args = throughput.parse_args(
         ["--model", s["model"], "--steps", str(s["steps"]), "--batch", str(s["batch"]), "--batches", str(s["batches"]),
-         "--train_batch", str(s["train_batch"]), "--guidance", str(GUIDANCE)]
+         "--train_batch", str(s["train_batch"]), "--guidance", str(GUIDANCE), "--trainable", "lora" if s["lora"] else "all"]
     )
     cfg = throughput.make_config(args, tempfile.mkdtemp(prefix="herd-trl-compare-"))
     cfg.seed, cfg.sample.eta = SEED, ETA
     cfg.train.learning_rate, cfg.train.stats_window, cfg.train.stats_min_count = LEARNING_RATE, STATS_WINDOW, STATS_MIN_COUNT
     cfg.train.num_inner_epochs, cfg.train.timestep_fraction = 1, 1.0
+    cfg.train.lora_rank, cfg.train.lora_alpha = 4, 4.0  # TRL's LoraConfig(r=4, lora_alpha=4)
     setup, state = trainer.build(cfg)
     if update == "host_loop":
         import host_loop_update
@@ -131,7 +136,7 @@ def herd_worker(s: dict[str, Any], update: str) -> None:
         for _ in range(s["batches"]):
             holder["key"], prompt_key, key = jax.random.split(holder["key"], 3)
             ids = np.asarray(jax.random.randint(prompt_key, (s["batch"],), 0, len(setup.prompts)), np.int32)
-            outs.append(setup.rollout(holder["state"].params, setup.frozen, parallel.shard_batch(ids, setup.mesh), key))
+            outs.append(setup.rollout(throughput.unet_params(setup, holder["state"]), setup.frozen, parallel.shard_batch(ids, setup.mesh), key))
         jax.block_until_ready(outs)
 
     def epoch():
@@ -139,12 +144,11 @@ def herd_worker(s: dict[str, Any], update: str) -> None:
         holder["state"] = jax.block_until_ready(new_state)
 
     sample(), epoch()  # warm-up: compilation
-    serve({"sample": sample, "epoch": epoch}, {"system": "herd-jax", "update": update, "jax": jax.__version__, "devices": len(jax.devices())})
+    serve({"sample": sample, "epoch": epoch}, {"system": "herd-jax", "algorithm": cfg.algorithm.name, "update": update, "jax": jax.__version__, "devices": len(jax.devices())})
 
 
-def trl_worker(s: dict[str, Any], update: str) -> None:
-    """TRL: DefaultDDPOStableDiffusionPipeline(model, use_lora=False) + DDPOTrainer; times its own methods."""
-    del update  # herd-jax only
+def trl_worker(s: dict[str, Any], threads: str) -> None:
+    """TRL: DefaultDDPOStableDiffusionPipeline(model, use_lora=...) + DDPOTrainer; times its own methods."""
     import random
     import warnings
 
@@ -157,8 +161,8 @@ def trl_worker(s: dict[str, Any], update: str) -> None:
 
     random.seed(SEED)
     torch.manual_seed(SEED)
-    if s["torch_threads"]:
-        torch.set_num_threads(s["torch_threads"])
+    if threads != "default":
+        torch.set_num_threads(int(threads))
     prompts = s["prompts"]
 
     def prompt_fn():
@@ -195,8 +199,8 @@ def trl_worker(s: dict[str, Any], update: str) -> None:
         per_prompt_stat_tracking_min_count=STATS_MIN_COUNT,
         negative_prompts="",
     )
-    pipeline = DefaultDDPOStableDiffusionPipeline(s["model"], use_lora=False)
-    PartialState()  # DDPOTrainer logs through accelerate before it creates its Accelerator
+    PartialState()  # TRL logs through accelerate before DDPOTrainer creates its Accelerator
+    pipeline = DefaultDDPOStableDiffusionPipeline(s["model"], use_lora=s["lora"])
     trainer = DDPOTrainer(config, reward_fn, prompt_fn, pipeline)
     pipeline.set_progress_bar_config(disable=True)  # tqdm per sampling step is pure overhead here
     if trainer.accelerator.device.type != "cpu" or next(pipeline.unet.parameters()).dtype != torch.float32:
@@ -214,7 +218,7 @@ def trl_worker(s: dict[str, Any], update: str) -> None:
     sample(), epoch()  # warm-up: lazy initialisation, allocator
     serve(
         {"sample": sample, "epoch": epoch},
-        {"system": "TRL", "trl": trl.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        {"system": "TRL", "lora": s["lora"], "trl": trl.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
          "trainable_params": sum(p.numel() for p in pipeline.unet.parameters() if p.requires_grad)},
     )
 
@@ -226,15 +230,15 @@ def trl_worker(s: dict[str, Any], update: str) -> None:
 class Worker:
     """A worker process (`--worker KIND`) answering timing commands over pipes."""
 
-    def __init__(self, label: str, kind: str, python: str, settings_file: str, update: str):
+    def __init__(self, label: str, kind: str, python: str, settings_file: str, variant: str):
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DIFFUSERS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         if kind == "trl":
             env.pop("PYTHONPATH", None)  # TRL's venv must not see herd-jax's packages
         self.label = label
-        self.log = pathlib.Path(settings_file).with_name(f"{kind}-{update}.log")
+        self.log = pathlib.Path(settings_file).with_name(f"{kind}-{variant}.log")
         self.proc = subprocess.Popen(
-            [python, str(pathlib.Path(__file__).resolve()), "--worker", kind, "--settings", settings_file, "--update", update],
+            [python, str(pathlib.Path(__file__).resolve()), "--worker", kind, "--settings", settings_file, "--variant", variant],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True, env=env, cwd=str(REPO),
         )
 
@@ -270,25 +274,26 @@ def orchestrate(args: argparse.Namespace) -> int:
         args.model = str(tiny_model_path())
     settings = {
         "model": args.model, "steps": args.steps, "batch": args.batch, "batches": args.batches,
-        "train_batch": args.train_batch or args.batch, "prompts": load_prompts("animals"), "torch_threads": args.torch_threads,
+        "train_batch": args.train_batch or args.batch, "prompts": load_prompts("animals"), "lora": args.lora,
     }
     workdir = tempfile.mkdtemp(prefix="trl-compare-")
     settings_file = os.path.join(workdir, "settings.json")
     pathlib.Path(settings_file).write_text(json.dumps(settings))
     n = settings["batch"] * settings["batches"]
     print(f"model={args.model}\nsteps={args.steps} batch={args.batch} batches/epoch={args.batches} "
-          f"train_batch={settings['train_batch']} rounds={args.rounds}; worker logs in {workdir}\n"
+          f"train_batch={settings['train_batch']} lora={args.lora} rounds={args.rounds}; worker logs in {workdir}\n"
           f"load average at start: {os.getloadavg()[0]:.2f}", flush=True)
 
     updates = ["trainer", "host_loop"] if args.update == "both" else [args.update]
     plan = [(f"herd-jax ({u} update)" if len(updates) > 1 else "herd-jax", "herd", sys.executable, u) for u in updates]
-    plan.append(("TRL", "trl", args.trl_python, "trainer"))
+    threads = args.torch_threads.split(",")
+    plan += [(f"TRL (torch threads {t})" if len(threads) > 1 else "TRL", "trl", args.trl_python, t) for t in threads]
     workers: dict[str, Worker] = {}
     times: dict[tuple[str, str], list[float]] = {}
     try:
-        for label, kind, python, update in plan:  # built one at a time: each warm-up uses every core
+        for label, kind, python, variant in plan:  # built one at a time: each warm-up uses every core
             start = time.perf_counter()
-            workers[label] = Worker(label, kind, python, settings_file, update)
+            workers[label] = Worker(label, kind, python, settings_file, variant)
             info = workers[label].read()
             print(f"{label}: ready in {time.perf_counter() - start:.1f}s (build + warm-up) {info}", flush=True)
         for r in range(args.rounds):  # A B A B ...: load from elsewhere hits every side alike
@@ -307,26 +312,27 @@ def orchestrate(args: argparse.Namespace) -> int:
 def print_results(args: argparse.Namespace, n: int, times: dict[tuple[str, str], list[float]], labels: list[str]) -> None:
     print(f"\n{n} samples per epoch ({args.batch} x {args.batches}), {args.steps} steps, train batch "
           f"{args.train_batch or args.batch}; {args.rounds} alternating rounds; load average at end {os.getloadavg()[0]:.2f}\n")
-    print("| system | sampling s (median / min) | sampling samples/s | epoch s (median / min) | epoch samples/s | epoch vs TRL |")
-    print("|---|---:|---:|---:|---:|---:|")
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
+    trl = min((label for label in labels if label.startswith("TRL")), key=lambda label: med[(label, "epoch")])
+    print(f"| system | sampling s (median / min) | sampling samples/s | epoch s (median / min) | epoch samples/s | epoch vs {trl} |")
+    print("|---|---:|---:|---:|---:|---:|")
     for label in labels:
         s, e = (label, "sample"), (label, "epoch")
-        ratio = med[("TRL", "epoch")] / med[e]
-        print(f"| {label} | {med[s]:.3f} / {best[s]:.3f} | {n / med[s]:.1f} | {med[e]:.3f} / {best[e]:.3f} | {n / med[e]:.2f} | {ratio:.2f}x |")
-    for label in labels[:-1]:
-        print(f"\n{label} / TRL (medians): sampling {med[('TRL', 'sample')] / med[(label, 'sample')]:.2f}x, "
-              f"epoch {med[('TRL', 'epoch')] / med[(label, 'epoch')]:.2f}x (target >= 5x); "
-              f"best-of-rounds: sampling {best[('TRL', 'sample')] / best[(label, 'sample')]:.2f}x, "
-              f"epoch {best[('TRL', 'epoch')] / best[(label, 'epoch')]:.2f}x")
+        print(f"| {label} | {med[s]:.3f} / {best[s]:.3f} | {n / med[s]:.1f} | {med[e]:.3f} / {best[e]:.3f} | {n / med[e]:.2f} "
+              f"| {med[(trl, 'epoch')] / med[e]:.2f}x |")
+    for label in labels:
+        if not label.startswith("TRL"):
+            print(f"\n{label} / {trl}: sampling {med[(trl, 'sample')] / med[(label, 'sample')]:.2f}x, "
+                  f"epoch {med[(trl, 'epoch')] / med[(label, 'epoch')]:.2f}x (medians; target >= 5x); best of rounds: "
+                  f"sampling {best[(trl, 'sample')] / best[(label, 'sample')]:.2f}x, epoch {best[(trl, 'epoch')] / best[(label, 'epoch')]:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         settings = json.loads(pathlib.Path(args.settings).read_text())
-        (herd_worker if args.worker == "herd" else trl_worker)(settings, args.update)
+        (herd_worker if args.worker == "herd" else trl_worker)(settings, args.variant)
         return 0
     return orchestrate(args)
 
