@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a non-finite loss: stop loudly, keep the last checkpoint
+        print(f"error: {e} (the last checkpoint in the run directory is intact)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
