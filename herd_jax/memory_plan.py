@@ -161,6 +161,7 @@ def abstract_model(configs: ModelConfigs, compute_dtype: Any) -> AbstractModel:
     import jax
     import jax.numpy as jnp
     import herd_jax.models  # noqa: F401  (silences the Flax deprecation notices first)
+    from herd_jax.models.loading import abstract_params
     from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
     from transformers import CLIPTextConfig
     from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
@@ -169,13 +170,7 @@ def abstract_model(configs: ModelConfigs, compute_dtype: Any) -> AbstractModel:
     vae = FlaxAutoencoderKL(**configs.vae, dtype=compute_dtype)
     text_config = CLIPTextConfig(**configs.text)
     text_encoder = FlaxCLIPTextModule(config=text_config, dtype=compute_dtype)
-    key = jax.random.PRNGKey(0)
-    ids = jnp.zeros((1, 1), jnp.int32)
-    params = {
-        "unet": jax.eval_shape(unet.init_weights, key),
-        "vae": jax.eval_shape(vae.init_weights, key),
-        "text_encoder": jax.eval_shape(lambda k: text_encoder.init(k, ids, ids, ids)["params"], key),
-    }
+    params = abstract_params(unet, vae, text_encoder)
     fields = set(inspect.signature(FlaxDDIMScheduler.__init__).parameters) - {"self", "dtype"}
     scheduler = FlaxDDIMScheduler.from_config({k: v for k, v in configs.scheduler.items() if k in fields})
     return AbstractModel(

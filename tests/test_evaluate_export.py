@@ -1,7 +1,6 @@
 """herd_jax.evaluate and herd_jax.export on the shared tiny run's checkpoints (tests/test_checkpoint.py)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 
@@ -11,6 +10,7 @@ from PIL import Image
 
 from herd_jax import checkpoint, evaluate, export
 from test_checkpoint import tiny_runs
+from torch_threads import torch_one_thread
 
 CELL = 32 + 2  # a 32x32 tiny-model image plus image_grid's border
 
@@ -20,18 +20,6 @@ def run_dir(tmp_path_factory) -> pathlib.Path:
     return tiny_runs(tmp_path_factory).straight[0]
 
 
-@contextlib.contextmanager
-def torch_one_thread():
-    """Torch's default thread pool fights XLA's for the CPU cores; use one thread."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _cells(grid: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -1,6 +1,5 @@
 """herd_jax.models: the tiny model build, the loader (safetensors / .bin / msgpack), parity with PyTorch, errors."""
 
-import contextlib
 import json
 import pathlib
 import shutil
@@ -10,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from torch_threads import torch_one_thread
 
 from herd_jax.models import (
     ModelNotFoundError,
@@ -54,18 +55,6 @@ def encode(sd):
     return jax.jit(sd.encode_text)
 
 
-@contextlib.contextmanager
-def _torch_one_thread():
-    """Torch's default thread pool fights XLA's for the 2 CPU cores (100x slower); use one thread."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _trees_equal(a, b) -> bool:
@@ -141,7 +130,7 @@ def test_unet_matches_pytorch(sd, torch_pipeline):
     sample = rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
     timesteps = np.array([17, 901], dtype=np.int32)
     context = rng.standard_normal((2, 77, 32), dtype=np.float32)
-    with _torch_one_thread():
+    with torch_one_thread():
         expected = torch_pipeline.unet(
             torch.from_numpy(sample), torch.from_numpy(timesteps).long(), torch.from_numpy(context)
         ).sample.numpy()
@@ -156,7 +145,7 @@ def test_text_encoder_matches_pytorch(sd, encode, torch_pipeline):
     import torch
 
     ids = sd.tokenize(["a red apple on the green table", "blue"])
-    with _torch_one_thread():
+    with torch_one_thread():
         expected = torch_pipeline.text_encoder(torch.from_numpy(ids).long()).last_hidden_state.numpy()
     got = encode(sd.params["text_encoder"], ids)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
@@ -166,7 +155,7 @@ def test_vae_decode_matches_pytorch(sd, torch_pipeline):
     import torch
 
     latents = np.random.default_rng(1).standard_normal((2, 4, 8, 8), dtype=np.float32)
-    with _torch_one_thread():
+    with torch_one_thread():
         expected = torch_pipeline.vae.decode(torch.from_numpy(latents)).sample.numpy()
     decode = jax.jit(lambda p, z: sd.vae.apply({"params": p}, z, method=sd.vae.decode).sample)  # NCHW in and out
     got = decode(sd.params["vae"], latents)

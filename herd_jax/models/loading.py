@@ -170,13 +170,7 @@ def load_pipeline(
         )
     scheduler = _scheduler(path)
 
-    key = jax.random.PRNGKey(0)
-    ids = jnp.zeros((1, 1), jnp.int32)
-    shapes = {
-        "unet": jax.eval_shape(unet.init_weights, key),
-        "vae": jax.eval_shape(vae.init_weights, key),
-        "text_encoder": jax.eval_shape(lambda k: text_encoder.init(k, ids, ids, ids)["params"], key),
-    }
+    shapes = abstract_params(unet, vae, text_encoder)
     with _on_host():  # convert and cast in host memory; one transfer of the final params below
         params = {name: _load_params(path, name, shapes[name], dtype) for name in _WEIGHTS}
     params = jax.device_put(params)
@@ -306,6 +300,17 @@ def _read_torch_state(file: pathlib.Path) -> dict:
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("not a flat PyTorch state dict")
     return dict(state)
+
+
+def abstract_params(unet: Any, vae: Any, text_encoder: Any) -> dict[str, Any]:
+    """The three modules' parameter shapes (ShapeDtypeStructs via `jax.eval_shape`; no init runs)."""
+    key = jax.random.PRNGKey(0)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return {
+        "unet": jax.eval_shape(unet.init_weights, key),
+        "vae": jax.eval_shape(vae.init_weights, key),
+        "text_encoder": jax.eval_shape(lambda k: text_encoder.init(k, ids, ids, ids)["params"], key),
+    }
 
 
 def _load_params(path: pathlib.Path, component: str, shapes: Any, dtype: Any) -> dict:
