@@ -54,6 +54,7 @@ class TrainConfig:
     per_prompt_stats: bool = True
     stats_window: int = 16
     stats_min_count: int = 16
+    update_loop: str = "auto"  # scan: one jitted update (lax.scan loops); host: Python loops over jitted steps (faster on XLA:CPU); auto: host on CPU, else scan
     trainable: str = "all"  # all | filter (params matching trainable_pattern) | lora (adapters on them)
     trainable_pattern: str = "attn[12]/to_(q|k|v|out_0)/kernel$"  # regex over UNet param paths "a/b/kernel"
     lora_rank: int = 4

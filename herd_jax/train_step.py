@@ -140,3 +140,78 @@ def train_on_batch(
         inner_epoch, (params, opt_state), jax.random.split(key, num_inner_epochs)
     )
     return params, opt_state, jax.tree.map(jnp.mean, infos)
+
+
+class HostLoopUpdate:
+    """`train_on_batch` with its three loops run from Python: one jitted gradient step per timestep.
+
+    Why: on XLA:CPU (jaxlib 0.10.2) the UNet's gradient convolutions inside a while loop (what
+    `lax.scan` lowers to) are not rewritten into YNNPACK fusions and run 4-6x slower than the same
+    gradient outside a loop (bench/throughput.py). Same keys, permutations and arithmetic as
+    `train_on_batch`; results agree up to float summation order. Nothing crosses to the host but
+    the dispatches: the accumulated gradient is donated from step to step.
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        optimizer: optax.GradientTransformation,
+        *,
+        num_inner_epochs: int,
+        minibatch_size: int,
+        num_train_timesteps: int,
+        mesh: Mesh | None = None,
+    ):
+        self.num_inner_epochs, self.minibatch_size, self.num_train_timesteps = num_inner_epochs, minibatch_size, num_train_timesteps
+
+        def prepare(batch: TrainBatch, key: jax.Array):
+            num_samples, num_steps = batch.log_probs.shape
+            num_minibatches = num_samples // minibatch_size
+
+            def one_epoch(key):
+                sample_key, time_key = jax.random.split(key)
+                order = jax.random.permutation(sample_key, num_samples)
+                time_perm = jax.vmap(lambda k: jax.random.permutation(k, num_steps))(jax.random.split(time_key, num_samples))
+                split = lambda x: x[order].reshape(num_minibatches, minibatch_size, *x.shape[1:])
+                return jax.tree.map(split, batch), split(time_perm)
+
+            out = jax.vmap(one_epoch)(jax.random.split(key, num_inner_epochs))
+            if mesh is not None:  # [epoch, minibatch, sample, ...]: samples over `data`
+                out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P(None, None, DATA_AXIS)))
+            return out
+
+        def accumulate(grads, params, aux, minibatches, time_perms, timesteps, e, m, j):
+            minibatch = jax.tree.map(lambda x: x[e, m], minibatches)
+            transition = _transitions(minibatch, timesteps, time_perms[e, m], j)
+            (loss, info), g = jax.value_and_grad(loss_fn, has_aux=True)(params, aux, transition)
+            return jax.tree.map(jnp.add, grads, g), dict(info, loss=loss)
+
+        def apply(params, opt_state, grads):
+            grads = jax.tree.map(lambda g: g / num_train_timesteps, grads)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+
+        replicated = None if mesh is None else NamedSharding(mesh, P())
+        self.jitted = {
+            "prepare": jax.jit(prepare),
+            "accumulate": jax.jit(accumulate, donate_argnums=0, out_shardings=replicated),
+            "apply": jax.jit(apply, donate_argnums=(0, 1), out_shardings=replicated),
+            "zeros": jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree), out_shardings=replicated),
+            "mean": jax.jit(lambda infos: jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *infos)),
+        }
+
+    def __call__(self, params, opt_state, aux, batch: TrainBatch, timesteps: jax.Array, key: jax.Array):
+        f = self.jitted
+        if batch.log_probs.shape[0] % self.minibatch_size:
+            raise ValueError(f"batch of {batch.log_probs.shape[0]} samples is not a multiple of the train batch size {self.minibatch_size}")
+        minibatches, time_perms = f["prepare"](batch, key)
+        infos = []
+        for e in range(self.num_inner_epochs):
+            for m in range(batch.log_probs.shape[0] // self.minibatch_size):
+                grads, step_infos = f["zeros"](params), []
+                for j in range(self.num_train_timesteps):
+                    grads, info = f["accumulate"](grads, params, aux, minibatches, time_perms, timesteps, e, m, j)
+                    step_infos.append(info)
+                params, opt_state, grad_norm = f["apply"](params, opt_state, grads)
+                infos.append(dict(f["mean"](step_infos), grad_norm=grad_norm))
+        return params, opt_state, f["mean"](infos)
