@@ -122,11 +122,23 @@ def resolve_run(args: argparse.Namespace):
     return cfg, checkpoints
 
 
+def enable_compile_cache() -> None:
+    """Persistent JAX compilation cache: a second run of the same shapes skips most compiling."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        default = os.path.join(os.path.expanduser("~"), ".cache", "herd_jax", "jax")
+        jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", default))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     from herd_jax.errors import quiet_libraries, user_errors
 
     quiet_libraries()
     args = parser().parse_args(argv)
+    enable_compile_cache()
     try:
         from herd_jax import config as config_lib
         from herd_jax.trainer import train_and_evaluate

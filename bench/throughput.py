@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (compilation)")
     p.add_argument("--only", choices=["rollout", "epoch", "floor", "decode"], action="append", help="measure only these (repeatable)")
-    p.add_argument("--update", choices=["trainer", "host_loop"], default="trainer",
-                   help="trainer: the trainer's jitted update (default); host_loop: bench/host_loop_update.py, the proposed CPU fix")
+    p.add_argument("--update", choices=["auto", "scan", "host"], default="auto",
+                   help="train.update_loop: scan (one jitted update), host (Python loop over jitted gradient steps), auto (host on CPU)")
     p.add_argument("--breakdown", action="store_true", help="also time each jitted step and the reward inside the epoch (blocking after each)")
     return p.parse_args(argv)
 
@@ -149,11 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     measure = set(args.only or ["rollout", "epoch", "floor", "decode"])
     run_dir = tempfile.mkdtemp(prefix="herd-bench-")
     cfg = make_config(args, run_dir)
+    cfg.train.update_loop = args.update
     setup, state = trainer.build(cfg)
-    if args.update == "host_loop":
-        import host_loop_update
-
-        host_loop_update.install(setup)
     policy, mesh, B, T, K = setup.policy, setup.mesh, args.batch, args.steps, args.batches
     key = jax.random.PRNGKey(0)
     ids = parallel.shard_batch(np.arange(B, dtype=np.int32) % len(setup.prompts), mesh)

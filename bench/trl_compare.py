@@ -19,7 +19,7 @@ and herd-jax/TRL ratios (issue 7 target: epoch ratio >= 5).
 
   bash bench/setup_trl_env.sh                 # once: TRL's own environment
   python bench/trl_compare.py                 # tiny SD, 8 steps, batch 8 x 2, train batch 8
-  python bench/trl_compare.py --update both     # also herd-jax with the proposed host-loop update
+  python bench/trl_compare.py --update both     # herd-jax with both update loops (scan, host)
   python bench/trl_compare.py --steps 20 --batch 4 --batches 2 --train_batch 4 --rounds 5
 """
 from __future__ import annotations
@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=2, help="sampling batches per epoch K")
     p.add_argument("--train_batch", type=int, default=None, help="samples per optimizer step (default: --batch)")
     p.add_argument("--rounds", type=int, default=3, help="alternating timed rounds (each: sampling + epoch, per side)")
-    p.add_argument("--update", choices=["trainer", "host_loop", "both"], default="trainer",
-                   help="herd-jax's update: the trainer's (default), bench/host_loop_update.py (the proposed CPU fix), or both side by side")
+    p.add_argument("--update", choices=["auto", "scan", "host", "both"], default="auto",
+                   help="herd-jax's train.update_loop: auto (host on CPU), scan, host, or both (scan and host) side by side")
     p.add_argument("--torch_threads", default="default",
                    help="torch.set_num_threads for TRL, comma-separated for one TRL worker each, e.g. 'default,1'; "
                         "ratios are taken against the fastest TRL worker")
@@ -124,11 +124,8 @@ def herd_worker(s: dict[str, Any], update: str) -> None:
     cfg.train.learning_rate, cfg.train.stats_window, cfg.train.stats_min_count = LEARNING_RATE, STATS_WINDOW, STATS_MIN_COUNT
     cfg.train.num_inner_epochs, cfg.train.timestep_fraction = 1, 1.0
     cfg.train.lora_rank, cfg.train.lora_alpha = 4, 4.0  # TRL's LoraConfig(r=4, lora_alpha=4)
+    cfg.train.update_loop = update
     setup, state = trainer.build(cfg)
-    if update == "host_loop":
-        import host_loop_update
-
-        host_loop_update.install(setup)
     holder = {"state": state, "key": jax.random.PRNGKey(1)}
 
     def sample():
@@ -284,7 +281,7 @@ def orchestrate(args: argparse.Namespace) -> int:
           f"train_batch={settings['train_batch']} lora={args.lora} rounds={args.rounds}; worker logs in {workdir}\n"
           f"load average at start: {os.getloadavg()[0]:.2f}", flush=True)
 
-    updates = ["trainer", "host_loop"] if args.update == "both" else [args.update]
+    updates = ["scan", "host"] if args.update == "both" else [args.update]
     plan = [(f"herd-jax ({u} update)" if len(updates) > 1 else "herd-jax", "herd", sys.executable, u) for u in updates]
     threads = args.torch_threads.split(",")
     plan += [(f"TRL (torch threads {t})" if len(threads) > 1 else "TRL", "trl", args.trl_python, t) for t in threads]
