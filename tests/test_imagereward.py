@@ -495,3 +495,41 @@ def test_imagereward_without_weights_fails_with_one_clear_line(
     message = str(info.value)
     assert "\n" not in message and "imagereward: worker could not start" in message
     assert "hub download failed" in message and "offline" in message
+
+
+def _train_two_epochs(tiny_imagereward, tmp_path, kill_sidecar: bool) -> tuple[list[np.ndarray], str]:
+    """Two ddpo epochs of the tiny SD scored by the tiny ImageReward; optionally SIGKILL its sidecar mid-run."""
+    from herd_jax import config as config_lib
+    from herd_jax import trainer
+
+    prompts = tmp_path / "prompts.txt"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("\n".join(TINY_PROMPTS) + "\n")
+    repo = Path(__file__).resolve().parents[1]
+    cfg = config_lib.load_config(
+        [str(repo / "configs" / "tiny.toml"), str(repo / "tests" / "fast.toml")],
+        [f"run_dir={str(tmp_path / 'run')!r}", 'logging.log_with="none"', "checkpoint.save_every=0",
+         'algorithm.name="ddpo"', f"prompts={str(prompts)!r}"],
+    )
+    cfg.reward = dataclasses.replace(tiny_imagereward["cfg"])
+    setup, state = trainer.build(cfg)
+    rewards = []
+    try:
+        for epoch in range(2):
+            if kill_sidecar and epoch == 1:  # the worker that scored epoch 0 dies before epoch 1 is scored
+                os.kill(setup.reward.pid, signal.SIGKILL)
+            state, metrics, samples = trainer.run_epoch(setup, state)
+            rewards.append(samples.rewards)
+    finally:
+        setup.reward.close()
+    return rewards, setup.reward.sidecar.log_path.read_text()
+
+
+@needs_env
+def test_run_continues_with_nothing_lost_when_the_sidecar_is_killed(tiny_imagereward, tmp_path):
+    straight, _ = _train_two_epochs(tiny_imagereward, tmp_path / "straight", kill_sidecar=False)
+    killed, log = _train_two_epochs(tiny_imagereward, tmp_path / "killed", kill_sidecar=True)
+    assert "killed by SIGKILL; restarting" in log
+    for a, b in zip(straight, killed):
+        assert np.isfinite(b).all() and len(b) == len(a)
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
