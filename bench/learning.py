@@ -1,0 +1,351 @@
+#!/usr/bin/env python
+"""Learning benchmark: ddpo, ddpg, dpok and herd on the tiny model, reward against reward queries.
+
+Each algorithm trains the embedded tiny SD (configs/learning.toml) on a task until it has spent
+a fixed budget of reward queries (herd's relabeling queries count: the trainer's
+"reward/queries"), over several seeds. The curve is the reward of the FRESH samples under their
+own prompts, never relabeled rewards: "reward/mean", balanced over prompts (the mean of the
+per-prompt means, so the random prompt mix of a small batch is not noise in the curve).
+
+Writes to --out: learning.csv (one row per epoch and run), learning_<task>.png (mean over seeds
+± spread, min to max, against reward queries) and learning.md (the table printed at the end):
+reward at the start and after the budget, and the reward queries each algorithm needs to reach
+DDPO's final reward (the first point where its seed-mean curve gets there).
+
+Each variant is built once (`trainer.build`) and its seeds rerun from a copy of the initial
+state, so its compiled functions are reused; the persistent compile cache in .cache/jax serves
+repeated invocations. A seed changes every sampling / training key; the model weights are the
+tiny model's fixed ones (and dpok's value network starts from the same init).
+
+Examples:
+  python bench/learning.py                        # color and jpeg tasks, 4 algorithms, 3 seeds
+  python bench/learning.py --quick                # a short smoke run (1 seed, small budget)
+  python bench/learning.py --tasks color --algorithms ddpo herd --budget 2000
+  python bench/learning.py --variant herd-k4=herd:herd.keep_epochs=4,herd.replay_ratio=2.0
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+import warnings
+from typing import Any, Sequence
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PRESET = REPO / "configs" / "learning.toml"
+ALGORITHMS = ("ddpo", "ddpg", "dpok", "herd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A reward with its prompt set; `overrides` go on top of the preset."""
+
+    name: str
+    reward: str
+    prompts: tuple[str, ...]
+    overrides: tuple[str, ...] = ()
+
+
+# One colour in two prompts: every image is scored for red, so all algorithms can learn it on the
+# tiny model (its random VAE makes prompt-conditional colour far slower: see the module notes), and
+# hindsight relabeling ("a red ball" <-> "a red car") re-scores the image under a real second goal.
+PROMPTS = ("a red ball", "a red car")
+TASKS = {
+    "color": Task("color", "color", PROMPTS),
+    # DDPO's JPEG compressibility (−kB): prompt-independent.
+    "jpeg": Task("jpeg", "jpeg_compressibility", PROMPTS),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A named algorithm setting: algorithm.name plus config overrides."""
+
+    name: str
+    algorithm: str
+    overrides: tuple[str, ...] = ()
+
+
+def parse_variant(spec: str) -> Variant:
+    """`NAME=ALGORITHM[:key=value,key=value]`, e.g. `herd-k4=herd:herd.keep_epochs=4`."""
+    if "=" not in spec:
+        raise argparse.ArgumentTypeError(f"variant {spec!r} is not NAME=ALGORITHM[:key=value,...]")
+    name, rest = spec.split("=", 1)
+    algorithm, _, overrides = rest.partition(":")
+    if algorithm not in ALGORITHMS:
+        raise argparse.ArgumentTypeError(f"variant {spec!r}: algorithm {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    return Variant(name, algorithm, tuple(o for o in overrides.split(",") if o))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["color", "jpeg"])
+    p.add_argument("--algorithms", nargs="*", choices=ALGORITHMS, default=list(ALGORITHMS), help="variants named after the algorithm, preset settings")
+    p.add_argument("--variant", type=parse_variant, action="append", default=[], help="an extra variant NAME=ALGORITHM[:key=value,...] (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budget", type=int, default=1280, help="reward queries per run")
+    p.add_argument("--smooth", type=int, default=5, help="moving average over this many epochs before comparing curves")
+    p.add_argument("--out", default=str(REPO / "bench" / "out" / "learning"), help="directory for the CSV, PNGs and table")
+    p.add_argument("--quick", action="store_true", help="1 seed, budget 320, color task only: a smoke run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="a config override for every run, key=value (repeatable)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.budget, args.tasks = args.seeds[:1], min(args.budget, 320), ["color"]
+    return args
+
+
+def set_environment() -> None:
+    """Offline hubs, CPU unless told otherwise, the repo's compile cache; before jax is imported."""
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DIFFUSERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "JAX_PLATFORMS": "cpu",
+        "HERD_JAX_CACHE": str(REPO / ".cache" / "herd_jax"),
+        "JAX_COMPILATION_CACHE_DIR": str(REPO / ".cache" / "jax"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def balanced_reward(metrics: dict[str, float]) -> float:
+    """Mean over prompts of the fresh samples' per-prompt mean reward (trainer's reward/prompt/*)."""
+    import numpy as np
+
+    per_prompt = [v for k, v in metrics.items() if k.startswith("reward/prompt/")]
+    return float(np.mean(per_prompt)) if per_prompt else float(metrics["reward/mean"])
+
+
+def make_config(task: Task, variant: Variant, prompts_file: pathlib.Path, run_dir: pathlib.Path, overrides: Sequence[str]) -> Any:
+    from herd_jax import config as config_lib
+
+    return config_lib.load_config(
+        [str(PRESET)],
+        [
+            f"algorithm.name={variant.algorithm}",
+            f"reward.name={task.reward}",
+            f"prompts={prompts_file}",
+            f"run_dir={run_dir}",
+            *task.overrides,
+            *variant.overrides,
+            *overrides,
+        ],
+    )
+
+
+def run_variant(task: Task, variant: Variant, seeds: Sequence[int], budget: int, workdir: pathlib.Path, overrides: Sequence[str]) -> list[dict[str, Any]]:
+    """Trains `variant` on `task` once per seed until `budget` reward queries; one record per epoch."""
+    import jax
+    import jax.numpy as jnp
+
+    from herd_jax import trainer
+
+    prompts_file = workdir / f"{task.name}_prompts.txt"
+    prompts_file.write_text("\n".join(task.prompts) + "\n")
+    cfg = make_config(task, variant, prompts_file, workdir / "run", overrides)
+    setup, initial = trainer.build(cfg)
+    records = []
+    try:
+        for seed in seeds:
+            state = jax.tree.map(jnp.copy, initial).replace(rng=jax.random.PRNGKey(seed))
+            start, epoch, runs = time.perf_counter(), 0, []
+            while int(state.reward_queries) < budget:
+                state, metrics, _ = trainer.run_epoch(setup, state)
+                if not math.isfinite(metrics["train/loss"]):  # as train_and_evaluate stops: the params are NaN from here on
+                    print(f"  {task.name:6s} {variant.name:12s} seed {seed}: non-finite loss at epoch {epoch}; run stopped", flush=True)
+                    if runs:
+                        runs[-1]["stopped"] = True
+                    break
+                runs.append(
+                    {
+                        "task": task.name,
+                        "variant": variant.name,
+                        "algorithm": variant.algorithm,
+                        "seed": seed,
+                        "epoch": epoch,
+                        "queries": int(metrics["reward/queries"]),
+                        "reward": metrics["reward/mean"],
+                        "reward_balanced": balanced_reward(metrics),
+                        "seconds": time.perf_counter() - start,
+                        "stopped": False,
+                    }
+                )
+                epoch += 1
+            records += runs
+            if runs:
+                print(f"  {task.name:6s} {variant.name:12s} seed {seed}: {epoch} epochs, {runs[-1]['queries']} queries, "
+                      f"reward {runs[0]['reward_balanced']:.4f} -> {runs[-1]['reward_balanced']:.4f}, {runs[-1]['seconds']:.0f}s", flush=True)
+    finally:
+        setup.logger.close()
+        setup.reward.close()
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves and the table
+
+
+def curves(records: list[dict[str, Any]], budget: int, smooth: int, points: int = 64) -> dict[str, dict[str, Any]]:
+    """Per variant: the query grid and, per seed, the smoothed balanced reward at each grid point."""
+    import numpy as np
+
+    grid = np.linspace(0, budget, points + 1)[1:]
+    out: dict[str, dict[str, Any]] = {}
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        runs = []
+        for seed in dict.fromkeys(r["seed"] for r in records if r["variant"] == variant):
+            rows = [r for r in records if r["variant"] == variant and r["seed"] == seed]
+            q = np.array([r["queries"] for r in rows], float)
+            y = np.array([r["reward_balanced"] for r in rows], float)
+            kernel = np.ones(min(smooth, len(y)))
+            y_smooth = np.convolve(y, kernel, "full")[: len(y)] / np.convolve(np.ones_like(y), kernel, "full")[: len(y)]
+            # The curve at q: the smoothed reward of the last epoch finished with ≤ q queries
+            # (the last epoch may overshoot the budget by less than one epoch's queries).
+            idx = np.searchsorted(q, grid, side="right") - 1
+            idx[-1] = len(q) - 1
+            runs.append(np.where(idx >= 0, y_smooth[np.maximum(idx, 0)], np.nan))
+        runs = np.array(runs)
+        with warnings.catch_warnings():  # grid points before a run's first epoch are NaN for every seed
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[variant] = {"grid": grid, "runs": runs, "mean": np.nanmean(runs, 0), "lo": np.nanmin(runs, 0), "hi": np.nanmax(runs, 0)}
+    return out
+
+
+def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: str = "ddpo") -> list[dict[str, Any]]:
+    """One row per variant: start and final reward, and the queries to reach the reference's final reward.
+
+    start / final: the mean over seeds of the first / last `smooth` epochs' reward (± std over
+    seeds); the reference's final reward is its seed-mean curve at the budget, and "queries to
+    reach" is the first grid point where a variant's seed-mean curve gets to it.
+    """
+    import numpy as np
+
+    curve = curves(records, budget, smooth)
+    rows = []
+    for variant, c in curve.items():
+        starts, finals = [], []
+        for seed in dict.fromkeys(r["seed"] for r in records if r["variant"] == variant):
+            ys = [r["reward_balanced"] for r in records if r["variant"] == variant and r["seed"] == seed]
+            starts.append(np.mean(ys[:smooth]))
+            finals.append(np.mean(ys[-smooth:]))
+        stopped = sum(bool(r["stopped"]) for r in records if r["variant"] == variant)
+        rows.append({"variant": variant, "start": float(np.mean(starts)), "final": float(np.mean(finals)),
+                     "final_std": float(np.std(finals)), "gain": float(np.mean(finals) - np.mean(starts)), "stopped": stopped})
+    target = next((r["final"] for r in rows if r["variant"] == reference), None)
+    for row in rows:
+        row["queries_to_ref"] = None
+        if target is not None:
+            c = curve[row["variant"]]
+            reached = np.flatnonzero(c["mean"] >= target - 1e-9)
+            row["queries_to_ref"] = int(round(c["grid"][reached[0]])) if len(reached) else None
+    return rows
+
+
+def table_markdown(task: str, rows: list[dict[str, Any]], budget: int, seeds: Sequence[int], smooth: int, reference: str = "ddpo") -> str:
+    lines = [
+        f"Task `{task}`, budget {budget} reward queries, seeds {list(seeds)}; reward = fresh samples under their own prompts "
+        f"(mean of per-prompt means); start/final = mean of the first/last {smooth} epochs (final ± std over seeds).",
+        "",
+        f"| variant | start | final (after {budget} queries) | gain | queries to reach {reference}'s final | runs stopped (NaN) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        reach = "not reached" if r["queries_to_ref"] is None else f"{r['queries_to_ref']} ({r['queries_to_ref'] / budget:.0%} of budget)"
+        lines.append(f"| {r['variant']} | {r['start']:.4f} | {r['final']:.4f} ± {r['final_std']:.4f} | {r['gain']:+.4f} | {reach} | {r['stopped']} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# PNG (PIL only: no plotting dependency)
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+
+
+def plot_png(path: pathlib.Path, title: str, curve: dict[str, dict[str, Any]], width: int = 900, height: int = 560) -> None:
+    """Mean reward against reward queries, a translucent band from the min to the max over seeds."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    left, right, top, bottom = 80, 190, 40, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    xs = np.concatenate([c["grid"] for c in curve.values()])
+    ys = np.concatenate([np.concatenate([c["lo"], c["hi"]]) for c in curve.values()])
+    ys = ys[np.isfinite(ys)]
+    x0, x1 = 0.0, float(xs.max())
+    y0, y1 = float(ys.min()), float(ys.max())
+    pad = 0.05 * (y1 - y0 or 1.0)
+    y0, y1 = y0 - pad, y1 + pad
+    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
+    py = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(6):
+        xv, yv = x0 + i * (x1 - x0) / 5, y0 + i * (y1 - y0) / 5
+        draw.line([px(xv), height - bottom, px(xv), height - bottom + 5], fill="black")
+        draw.text((px(xv) - 12, height - bottom + 8), f"{xv:.0f}", fill="black", font=font)
+        draw.line([left - 5, py(yv), left, py(yv)], fill="black")
+        draw.text((8, py(yv) - 6), f"{yv:.4f}", fill="black", font=font)
+    draw.text((left + (width - left - right) // 2 - 40, height - 25), "reward queries", fill="black", font=font)
+    draw.text((left, 12), title, fill="black", font=font)
+    for i, (name, c) in enumerate(curve.items()):
+        color = PALETTE[i % len(PALETTE)]
+        ok = np.isfinite(c["mean"])
+        g, lo, hi, mean = c["grid"][ok], c["lo"][ok], c["hi"][ok], c["mean"][ok]
+        if len(g) == 0:
+            continue
+        band = Image.new("RGBA", image.size, (0, 0, 0, 0))
+        polygon = [(px(a), py(b)) for a, b in zip(g, hi)] + [(px(a), py(b)) for a, b in zip(g[::-1], lo[::-1])]
+        if len(polygon) >= 3:
+            ImageDraw.Draw(band).polygon(polygon, fill=color + (50,))
+        image.paste(Image.alpha_composite(image.convert("RGBA"), band).convert("RGB"))
+        draw = ImageDraw.Draw(image)
+        draw.line([(px(a), py(b)) for a, b in zip(g, mean)], fill=color, width=2)
+        ly = top + 10 + 18 * i
+        draw.line([width - right + 12, ly + 6, width - right + 36, ly + 6], fill=color, width=3)
+        draw.text((width - right + 42, ly), name, fill="black", font=font)
+    image.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_environment()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = [Variant(a, a) for a in args.algorithms] + list(args.variant)
+    records: list[dict[str, Any]] = []
+    tables = []
+    with tempfile.TemporaryDirectory(prefix="herd_learning_") as tmp:
+        for task_name in args.tasks:
+            task = TASKS[task_name]
+            task_records = []
+            for variant in variants:
+                task_records += run_variant(task, variant, args.seeds, args.budget, pathlib.Path(tmp), args.overrides)
+            records += task_records
+            rows = summary(task_records, args.budget, args.smooth)
+            tables.append(table_markdown(task.name, rows, args.budget, args.seeds, args.smooth))
+            plot_png(out / f"learning_{task.name}.png", f"{task.name}: reward of fresh samples vs reward queries (mean, min-max over seeds {args.seeds})",
+                     curves(task_records, args.budget, args.smooth))
+            print("\n" + tables[-1] + "\n", flush=True)
+    with open(out / "learning.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    command = "python bench/learning.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / "learning.md").write_text(f"`{command}`\n\n" + "\n\n".join(tables) + "\n")
+    print(f"wrote {out / 'learning.csv'}, {out / 'learning.md'} and the PNGs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
