@@ -9,6 +9,23 @@ import jax
 import jax.numpy as jnp
 
 
+# exp(±MAX_LOG_RATIO) bounds every ratio: an overflowing ratio (inf) times a zero advantage, or
+# times the zero gradient of a clip, is NaN, and one NaN transition poisons the whole update.
+# Replayed or behaviour-policy transitions (herd, ddpg, dpok's FIFO) reach |log ρ| > 88 when a
+# step's σ is small; beyond the bound a transition gets no gradient.
+MAX_LOG_RATIO = 20.0
+# Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL"): for A < 0
+# the PPO loss −A·ρ grows without bound in ρ; capping it at −DUAL_CLIP·A stops one far
+# off-policy transition from dominating an update.
+DUAL_CLIP = 3.0
+
+
+def safe_ratio(log_prob: jax.Array, old_log_prob: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log ρ, ρ) with ρ = exp(log π_θ − log π_old), the exponent clipped to ±MAX_LOG_RATIO."""
+    log_ratio = log_prob - jax.lax.stop_gradient(old_log_prob)
+    return log_ratio, jnp.exp(jnp.clip(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO))
+
+
 def clip_advantages(advantages: jax.Array, limit: float) -> jax.Array:
     """Clips advantages to ±limit (DDPO's adv_clip_max)."""
     return jnp.clip(advantages, -limit, limit)
@@ -19,7 +36,8 @@ def ppo_clip_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO's clipped importance-sampling surrogate, as a loss to minimise.
 
-    loss = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))] with ρ = exp(log π_θ − log π_old).
+    loss = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))] with ρ = exp(log π_θ − log π_old), and for
+    A < 0 at most −DUAL_CLIP·A (dual clip), so off-policy transitions cannot blow up the loss.
 
     Args:
       log_prob: log π_θ(a|s), f32[B] (differentiated).
@@ -29,11 +47,12 @@ def ppo_clip_loss(
     Returns:
       (scalar loss, info with approx_kl, clipfrac, ratio).
     """
-    log_ratio = log_prob - jax.lax.stop_gradient(old_log_prob)
-    ratio = jnp.exp(log_ratio)
+    log_ratio, ratio = safe_ratio(log_prob, old_log_prob)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = jnp.mean(jnp.maximum(unclipped, clipped))
+    per_sample = jnp.maximum(unclipped, clipped)
+    per_sample = jnp.where(advantages < 0, jnp.minimum(per_sample, -DUAL_CLIP * advantages), per_sample)
+    loss = jnp.mean(per_sample)
     info = {
         "approx_kl": 0.5 * jnp.mean(jax.lax.stop_gradient(log_ratio) ** 2),
         "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),

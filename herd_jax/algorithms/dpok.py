@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from herd_jax.algorithms.common import safe_ratio
 from herd_jax.diffusion import Policy
 from herd_jax.train_step import LossFn, Transition
 
@@ -48,9 +49,13 @@ class ValueNetwork(nn.Module):
         features = jnp.concatenate(
             [x_t.mean(axes), x_t.std(axes), cond.mean(axis=1), timestep_embedding(t)], axis=-1
         )
+        # Latent statistics reach |x| ~ 20 on a random UNet: normalise the features so the
+        # initial V is O(1), and start V at exactly 0 (zero output layer) so the first
+        # advantages are the rewards themselves rather than r minus a large random offset.
+        features = nn.LayerNorm()(features)
         h = nn.gelu(nn.Dense(self.hidden)(features))
         h = nn.gelu(nn.Dense(self.hidden)(h))
-        return nn.Dense(1)(h)[:, 0]
+        return nn.Dense(1, kernel_init=nn.initializers.zeros)(h)[:, 0]
 
 
 def init_value(network: ValueNetwork, key: jax.Array, latent_shape: tuple[int, ...], cond_shape: tuple[int, ...]) -> Any:
@@ -66,8 +71,7 @@ def make_loss(policy: Policy, network: ValueNetwork, *, reward_weight: float, kl
         _, mean_pre, _ = policy.transition_log_prob(aux["pretrained"], tr.x_t, tr.x_prev, tr.t, tr.cond, aux["uncond"])
         value = network.apply({"params": aux["value"]}, tr.x_t, tr.cond, tr.t)
         advantages = jax.lax.stop_gradient(tr.rewards - value)
-        log_ratio = log_prob - tr.old_log_prob
-        ratio = jnp.exp(log_ratio)
+        log_ratio, ratio = safe_ratio(log_prob, tr.old_log_prob)
         policy_loss = jnp.mean(-reward_weight * advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range))
         axes = tuple(range(1, mean.ndim))
         kl = jnp.mean((mean - jax.lax.stop_gradient(mean_pre)) ** 2 / (2 * std**2), axis=axes)
