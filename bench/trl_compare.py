@@ -150,7 +150,6 @@ def trl_worker(s: dict[str, Any], threads: str) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import numpy as np
     import torch
     import trl
     from accelerate import PartialState

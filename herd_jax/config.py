@@ -11,7 +11,6 @@ import dataclasses
 import json
 import pathlib
 import tomllib
-import types
 import typing
 from typing import Any, Sequence
 

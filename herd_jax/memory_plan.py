@@ -158,8 +158,6 @@ def _as_float32(tree: Any) -> Any:
 
 def abstract_model(configs: ModelConfigs, compute_dtype: Any) -> AbstractModel:
     """Builds the modules and their parameter shapes with `jax.eval_shape` (nothing is allocated)."""
-    import jax
-    import jax.numpy as jnp
     import herd_jax.models  # noqa: F401  (silences the Flax deprecation notices first)
     from herd_jax.models.loading import abstract_params
     from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel

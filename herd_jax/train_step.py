@@ -79,6 +79,17 @@ def _transitions(batch: TrainBatch, timesteps: jax.Array, time_perm: jax.Array, 
     )
 
 
+def _shuffle(batch: TrainBatch, key: jax.Array, minibatch_size: int) -> tuple[TrainBatch, jax.Array]:
+    """One inner epoch's order: samples shuffled and split into minibatches [M, b, ...], and a
+    per-sample permutation of the timesteps [M, b, T]."""
+    num_samples, num_steps = batch.log_probs.shape
+    sample_key, time_key = jax.random.split(key)
+    order = jax.random.permutation(sample_key, num_samples)
+    time_perm = jax.vmap(lambda k: jax.random.permutation(k, num_steps))(jax.random.split(time_key, num_samples))
+    split = lambda x: x[order].reshape(num_samples // minibatch_size, minibatch_size, *x.shape[1:])
+    return jax.tree.map(split, batch), split(time_perm)
+
+
 def train_on_batch(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -98,10 +109,9 @@ def train_on_batch(
 
     Pure and jit-able (all sizes are static). `timesteps` is the sampling schedule, int32[T].
     """
-    num_samples, num_steps = batch.log_probs.shape
+    num_samples = batch.log_probs.shape[0]
     if num_samples % minibatch_size:
         raise ValueError(f"batch of {num_samples} samples is not a multiple of the train batch size {minibatch_size}")
-    num_minibatches = num_samples // minibatch_size
 
     def constrain(x):
         if mesh is None:
@@ -128,12 +138,8 @@ def train_on_batch(
         return (params, opt_state), info
 
     def inner_epoch(carry, key):
-        sample_key, time_key = jax.random.split(key)
-        order = jax.random.permutation(sample_key, num_samples)
-        time_perm = jax.vmap(lambda k: jax.random.permutation(k, num_steps))(jax.random.split(time_key, num_samples))
-        split = lambda x: constrain(x[order].reshape(num_minibatches, minibatch_size, *x.shape[1:]))
-        minibatches = jax.tree.map(split, batch)
-        carry, info = jax.lax.scan(minibatch_update, carry, (minibatches, split(time_perm)))
+        minibatches, time_perms = constrain(_shuffle(batch, key, minibatch_size))
+        carry, info = jax.lax.scan(minibatch_update, carry, (minibatches, time_perms))
         return carry, info
 
     (params, opt_state), infos = jax.lax.scan(
@@ -165,17 +171,7 @@ class HostLoopUpdate:
         self.num_inner_epochs, self.minibatch_size, self.num_train_timesteps = num_inner_epochs, minibatch_size, num_train_timesteps
 
         def prepare(batch: TrainBatch, key: jax.Array):
-            num_samples, num_steps = batch.log_probs.shape
-            num_minibatches = num_samples // minibatch_size
-
-            def one_epoch(key):
-                sample_key, time_key = jax.random.split(key)
-                order = jax.random.permutation(sample_key, num_samples)
-                time_perm = jax.vmap(lambda k: jax.random.permutation(k, num_steps))(jax.random.split(time_key, num_samples))
-                split = lambda x: x[order].reshape(num_minibatches, minibatch_size, *x.shape[1:])
-                return jax.tree.map(split, batch), split(time_perm)
-
-            out = jax.vmap(one_epoch)(jax.random.split(key, num_inner_epochs))
+            out = jax.vmap(lambda k: _shuffle(batch, k, minibatch_size))(jax.random.split(key, num_inner_epochs))
             if mesh is not None:  # [epoch, minibatch, sample, ...]: samples over `data`
                 out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P(None, None, DATA_AXIS)))
             return out

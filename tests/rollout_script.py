@@ -5,7 +5,6 @@ Used by test_rollout.py in a subprocess with XLA_FLAGS=--xla_force_host_platform
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from herd_jax import parallel
