@@ -19,7 +19,7 @@ import uuid
 __all__ = ["build_tiny_model", "tiny_model_path", "write_bin_copy", "TINY_MODEL_VERSION"]
 
 # Bump when the architecture or the build changes: a cached copy with another version is rebuilt.
-TINY_MODEL_VERSION = 1
+TINY_MODEL_VERSION = 2
 _STAMP = "herd_jax_tiny.json"
 _CACHE_NAME = "tiny-sd-v1"
 
@@ -93,6 +93,11 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
         latent_channels=4,
+        # One group: GroupNorm then keeps the latent channels' relative means, so the decoded
+        # image's colour follows the latent as in real SD. With diffusers' default (32 groups of
+        # 1-2 channels) every norm erases the per-channel means and a random decoder's colour
+        # barely depends on the latent: the `color` task had nothing for RL to learn.
+        norm_num_groups=1,
         sample_size=32,
         scaling_factor=0.18215,
     )
