@@ -116,6 +116,8 @@ class DpokConfig:
     buffer_transitions: int = 1000  # FIFO size in transitions (trajectories = this / sample.num_steps)
     value_learning_rate: float = 1e-4
     value_hidden: int = 256
+    value_steps: int = 1  # MSE steps of V per epoch, each on a fresh draw from the FIFO
+    normalize_rewards: bool = True  # fit V to the per-prompt normalised reward (A = r̂ − V is O(1) on any reward scale); false: raw r, as DPOK
 
 
 @dataclasses.dataclass

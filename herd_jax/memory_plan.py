@@ -343,6 +343,7 @@ def plan_train(
         cond=f32(batch, model.text_length, model.text_width),
         advantages=f32(batch),
         rewards=f32(batch),
+        weights=f32(batch),
     )
     update = functools.partial(
         train_on_batch,

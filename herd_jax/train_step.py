@@ -28,6 +28,7 @@ class TrainBatch(NamedTuple):
     cond: jax.Array  # f32[B, L, D] prompt embeddings
     advantages: jax.Array  # f32[B]
     rewards: jax.Array  # f32[B]      raw rewards (for value baselines)
+    weights: jax.Array  # f32[B]      1 for a real sample, 0 for padding (an empty replay slot)
 
 
 class Transition(NamedTuple):
@@ -41,6 +42,7 @@ class Transition(NamedTuple):
     cond: jax.Array  # f32[b, L, D]
     advantages: jax.Array  # f32[b]
     rewards: jax.Array  # f32[b]
+    weights: jax.Array  # f32[b]  0 rows are padding: no gradient, not in the logged means
 
 
 # loss_fn(params, aux, transition) -> (loss, info); `aux` holds non-trained inputs (e.g. frozen params).
@@ -76,6 +78,7 @@ def _transitions(batch: TrainBatch, timesteps: jax.Array, time_perm: jax.Array, 
         cond=batch.cond,
         advantages=batch.advantages,
         rewards=batch.rewards,
+        weights=batch.weights,
     )
 
 

@@ -85,6 +85,7 @@ def validate(cfg: config_lib.Config, num_devices: int) -> None:
         ("train.batch_size", t.batch_size),
         ("train.num_inner_epochs", t.num_inner_epochs),
         ("train.stats_window", t.stats_window),
+        ("dpok.value_steps", cfg.dpok.value_steps),
     ]:
         require(value > 0, f"{key} must be positive, got {value}")
     require(s.eta > 0, f"sample.eta must be > 0 for a stochastic policy, got {s.eta}")
@@ -429,12 +430,30 @@ def dpok_batch(setup: Setup, state: TrainState, fresh: dict, prompt_stats: stats
     return UpdateBatch(items, info["valid"], buffer, prompt_stats, 0, {})
 
 
-def update_value(setup: Setup, value: dict[str, Any], items: dict[str, jax.Array]) -> tuple[dict[str, Any], float]:
-    """dpok: one MSE step of the value network on the update batch."""
-    params, opt_state, loss = setup.steps["value_update"](
-        value["params"], value["opt_state"], items["latents"], items["prompt_embeds"], items["reward"], setup.policy.schedule.timesteps
-    )
-    return {"params": params, "opt_state": opt_state}, float(loss)
+def value_targets(setup: Setup, prompt_stats: stats.PromptStats, items: dict[str, jax.Array], valid: jax.Array) -> jax.Array:
+    """dpok: what V(x_t, c, t) is fitted to and A = target − V: the per-prompt normalised reward
+    (`dpok.normalize_rewards`, so the baseline works on any reward scale) or the raw reward."""
+    if setup.cfg.dpok.normalize_rewards:
+        return setup.steps["advantages"](prompt_stats, items["prompt_id"], items["reward"], valid=valid)
+    return items["reward"]
+
+
+def update_value(setup: Setup, value: dict[str, Any], batch: UpdateBatch, targets: jax.Array, key: jax.Array) -> tuple[dict[str, Any], float]:
+    """dpok: `dpok.value_steps` MSE steps of the value network, the first on the update batch, the
+    others on fresh draws from the FIFO. Returns the new value state and the first step's MSE
+    (the baseline's error on this epoch's update batch, before fitting to it)."""
+    steps, params, opt_state = setup.steps, value["params"], value["opt_state"]
+    items, valid, losses = batch.items, batch.valid, []
+    for i in range(setup.cfg.dpok.value_steps):
+        if i:
+            items, info = steps["sample_buffer"](batch.buffer, jax.random.fold_in(key, i), batch.valid.shape[0])
+            valid = info["valid"]
+            targets = value_targets(setup, batch.stats, items, valid)
+        params, opt_state, loss = steps["value_update"](
+            params, opt_state, items["latents"], items["prompt_embeds"], targets, setup.policy.schedule.timesteps, valid.astype(jnp.float32)
+        )
+        losses.append(loss)
+    return {"params": params, "opt_state": opt_state}, float(losses[0])
 
 
 def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, float], EpochSamples]:
@@ -468,11 +487,14 @@ def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, fl
     valid = jax.device_put(batch.valid, parallel.batch_sharded(setup.mesh))
     advantages = steps["advantages"](batch.stats, items["prompt_id"], items["reward"], valid=valid) * valid
     value, aux = state.value, {"uncond": setup.frozen["uncond"], "base": setup.frozen.get("base")}
+    rewards_or_targets = items["reward"]
     if name == "dpok":
-        value, extra["train/value_loss"] = update_value(setup, value, items)
+        rewards_or_targets = value_targets(setup, batch.stats, items, valid)
+        value, extra["train/value_loss"] = update_value(setup, value, batch, rewards_or_targets, jax.random.fold_in(replay_key, 1))
         aux.update(pretrained=setup.frozen["pretrained"], value=value["params"])
     train_batch = TrainBatch(
-        latents=items["latents"], log_probs=items["log_probs"], cond=items["prompt_embeds"], advantages=advantages, rewards=items["reward"]
+        latents=items["latents"], log_probs=items["log_probs"], cond=items["prompt_embeds"], advantages=advantages, rewards=rewards_or_targets,
+        weights=valid.astype(jnp.float32),
     )
     params, opt_state, info = steps["update"](state.params, state.opt_state, aux, train_batch, setup.policy.schedule.timesteps, train_key)
     buffer = steps["store_fresh"](batch.buffer, fresh, state.step) if name == "herd" else batch.buffer

@@ -87,7 +87,7 @@ def test_dpok_loss_value_baseline_and_kl():
     loss_fn = dpok.make_loss(_FixedPolicy(), network, reward_weight=10.0, kl_weight=0.5, clip_range=0.1)
     x = jnp.zeros((2, 1, 2, 2))
     params = {"mu": jnp.zeros((1, 2, 2))}
-    tr = Transition(x, x, jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32), jnp.zeros(2), jnp.zeros((2, 3, 4)), jnp.zeros(2), jnp.asarray([1.0, 3.0]))
+    tr = Transition(x, x, jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32), jnp.zeros(2), jnp.zeros((2, 3, 4)), jnp.zeros(2), jnp.asarray([1.0, 3.0]), jnp.ones(2))
     aux = {"uncond": None, "pretrained": {"mu": jnp.ones((1, 2, 2))}, "value": value_params}
     loss, info = loss_fn(params, aux, tr)
     # ratio 1, A = r - 0: policy part = -10 * mean(r) = -20; KL = 1 / (2 * 0.25) = 2 per dim -> +0.5 * 2.
@@ -112,6 +112,21 @@ def test_dpok_value_update_fits_rewards():
     for _ in range(200):
         params, state, loss = step(params, state)
     assert float(loss) < 0.1 * float(first)
+
+
+def test_dpok_value_update_ignores_padding_rows():
+    """Zero-weight trajectories (padding) leave the fit exactly as if they were absent."""
+    import optax
+
+    network, opt = dpok.ValueNetwork(hidden=16), optax.adam(1e-2)
+    params = dpok.init_value(network, jax.random.PRNGKey(0), (1, 2, 2), (3, 4))
+    latents = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 1, 2, 2))
+    cond, rewards, timesteps = jnp.zeros((4, 3, 4)), jnp.asarray([0.0, 1.0, 2.0, 1e3]), jnp.asarray([501, 1])
+    padded = dpok.value_update(network, opt, params, opt.init(params), latents, cond, rewards, timesteps, jnp.asarray([1.0, 1.0, 1.0, 0.0]))
+    alone = dpok.value_update(network, opt, params, opt.init(params), latents[:3], cond[:3], rewards[:3], timesteps)
+    assert float(padded[2]) == pytest.approx(float(alone[2]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(padded[0]), jax.tree.leaves(alone[0])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
 def test_herd_recompute_under_the_same_goal_gives_sampling_log_probs(tiny_sd, tiny_policy):

@@ -53,6 +53,22 @@ def test_score_function_loss_gradient_is_minus_advantage():
     np.testing.assert_allclose(np.asarray(grad), -np.asarray(adv) / 2)
 
 
+def test_padding_rows_count_in_no_mean():
+    """A zero-weight row (an empty replay slot) changes neither the loss nor the logged metrics,
+    however far off-policy it looks, and gets no gradient."""
+    log_prob, old, adv = jnp.asarray([0.05, -0.02, 9.0]), jnp.zeros(3), jnp.asarray([1.0, -2.0, 0.0])
+    weights = jnp.asarray([1.0, 1.0, 0.0])
+    for fn in (lambda lp, o, a, w: ppo_clip_loss(lp, o, a, EPS, w), score_function_loss):
+        (loss, info), grad = jax.value_and_grad(fn, has_aux=True)(log_prob, old, adv, weights)
+        (loss_valid, info_valid), grad_valid = jax.value_and_grad(fn, has_aux=True)(log_prob[:2], old[:2], adv[:2], None)
+        assert float(loss) == pytest.approx(float(loss_valid), rel=1e-6)
+        for key in ("approx_kl", "clipfrac", "ratio"):
+            assert float(info[key]) == pytest.approx(float(info_valid[key]), rel=1e-6), key
+        assert float(info["approx_kl"]) < 0.01  # the padding row's log-ratio 9 would give > 13
+        np.testing.assert_allclose(np.asarray(grad[:2]), np.asarray(grad_valid), rtol=1e-6)
+        assert float(grad[2]) == 0.0
+
+
 def test_advantage_clip():
     np.testing.assert_array_equal(np.asarray(clip_advantages(jnp.asarray([-9.0, 0.5, 9.0]), 5.0)), [-5.0, 0.5, 5.0])
 

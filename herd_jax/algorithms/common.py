@@ -26,13 +26,28 @@ def safe_ratio(log_prob: jax.Array, old_log_prob: jax.Array) -> tuple[jax.Array,
     return log_ratio, jnp.exp(jnp.clip(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO))
 
 
+def weighted_mean(x: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """Mean of x over the rows with weight > 0 (weights 0/1); 0 when there are none.
+
+    Padding rows (an empty replay slot) must not dilute the loss or the logged approx_kl,
+    clipfrac and ratio, which would otherwise read as if the padding were on-policy samples.
+    """
+    if weights is None:
+        return jnp.mean(x)
+    return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def clip_advantages(advantages: jax.Array, limit: float) -> jax.Array:
     """Clips advantages to ±limit (DDPO's adv_clip_max)."""
     return jnp.clip(advantages, -limit, limit)
 
 
 def ppo_clip_loss(
-    log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array, clip_range: float
+    log_prob: jax.Array,
+    old_log_prob: jax.Array,
+    advantages: jax.Array,
+    clip_range: float,
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO's clipped importance-sampling surrogate, as a loss to minimise.
 
@@ -44,6 +59,7 @@ def ppo_clip_loss(
       old_log_prob: log-prob under the behaviour policy, f32[B] (constant).
       advantages: f32[B], already clipped.
       clip_range: ε.
+      weights: f32[B] 0/1 row mask (padding rows count in no mean), or None for all rows.
     Returns:
       (scalar loss, info with approx_kl, clipfrac, ratio).
     """
@@ -52,23 +68,24 @@ def ppo_clip_loss(
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
     per_sample = jnp.maximum(unclipped, clipped)
     per_sample = jnp.where(advantages < 0, jnp.minimum(per_sample, -DUAL_CLIP * advantages), per_sample)
-    loss = jnp.mean(per_sample)
-    info = {
-        "approx_kl": 0.5 * jnp.mean(jax.lax.stop_gradient(log_ratio) ** 2),
-        "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
-        "ratio": jnp.mean(jax.lax.stop_gradient(ratio)),
+    loss = weighted_mean(per_sample, weights)
+    return loss, ratio_info(log_ratio, ratio, clip_range, weights)
+
+
+def ratio_info(log_ratio: jax.Array, ratio: jax.Array, clip_range: float, weights: jax.Array | None) -> dict[str, jax.Array]:
+    """approx_kl (½·E[log ρ²], as DDPO logs it), clipfrac and mean ratio over the weighted rows."""
+    log_ratio, ratio = jax.lax.stop_gradient(log_ratio), jax.lax.stop_gradient(ratio)
+    return {
+        "approx_kl": 0.5 * weighted_mean(log_ratio**2, weights),
+        "clipfrac": weighted_mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32), weights),
+        "ratio": weighted_mean(ratio, weights),
     }
-    return loss, info
 
 
 def score_function_loss(
-    log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array
+    log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array, weights: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """REINFORCE: loss = E[−A·log π_θ] (DDPO_SF). Valid on-policy only (one update per batch)."""
-    log_ratio = jax.lax.stop_gradient(log_prob - old_log_prob)
-    info = {
-        "approx_kl": 0.5 * jnp.mean(log_ratio**2),
-        "clipfrac": jnp.zeros((), jnp.float32),
-        "ratio": jnp.mean(jnp.exp(log_ratio)),
-    }
-    return jnp.mean(-advantages * log_prob), info
+    log_ratio, ratio = safe_ratio(log_prob, old_log_prob)
+    info = dict(ratio_info(log_ratio, ratio, jnp.inf, weights), clipfrac=jnp.zeros((), jnp.float32))
+    return weighted_mean(-advantages * log_prob, weights), info

@@ -40,7 +40,7 @@ def make_loss(policy: Policy, *, estimator: str = "is", clip_range: float = 1e-4
         log_prob, _, _ = policy.transition_log_prob(params, tr.x_t, tr.x_prev, tr.t, tr.cond, aux["uncond"])
         advantages = clip_advantages(tr.advantages, adv_clip)
         if estimator == "is":
-            return ppo_clip_loss(log_prob, tr.old_log_prob, advantages, clip_range)
-        return score_function_loss(log_prob, tr.old_log_prob, advantages)
+            return ppo_clip_loss(log_prob, tr.old_log_prob, advantages, clip_range, tr.weights)
+        return score_function_loss(log_prob, tr.old_log_prob, advantages, tr.weights)
 
     return loss_fn

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from herd_jax.algorithms.common import safe_ratio
+from herd_jax.algorithms.common import ratio_info, safe_ratio, weighted_mean
 from herd_jax.diffusion import Policy
 from herd_jax.train_step import LossFn, Transition
 
@@ -72,17 +72,16 @@ def make_loss(policy: Policy, network: ValueNetwork, *, reward_weight: float, kl
         value = network.apply({"params": aux["value"]}, tr.x_t, tr.cond, tr.t)
         advantages = jax.lax.stop_gradient(tr.rewards - value)
         log_ratio, ratio = safe_ratio(log_prob, tr.old_log_prob)
-        policy_loss = jnp.mean(-reward_weight * advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range))
+        policy_loss = -reward_weight * advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
         axes = tuple(range(1, mean.ndim))
         kl = jnp.mean((mean - jax.lax.stop_gradient(mean_pre)) ** 2 / (2 * std**2), axis=axes)
-        info = {
-            "approx_kl": 0.5 * jnp.mean(jax.lax.stop_gradient(log_ratio) ** 2),
-            "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
-            "ratio": jnp.mean(jax.lax.stop_gradient(ratio)),
-            "kl_pretrained": jnp.mean(jax.lax.stop_gradient(kl)),
-            "advantage": jnp.mean(advantages),
-        }
-        return policy_loss + kl_weight * jnp.mean(kl), info
+        info = dict(
+            ratio_info(log_ratio, ratio, clip_range, tr.weights),
+            kl_pretrained=weighted_mean(jax.lax.stop_gradient(kl), tr.weights),
+            advantage=weighted_mean(advantages, tr.weights),
+            value_abs_error=weighted_mean(jnp.abs(advantages), tr.weights),
+        )
+        return weighted_mean(policy_loss + kl_weight * kl, tr.weights), info
 
     return loss_fn
 
@@ -96,16 +95,22 @@ def value_update(
     cond: jax.Array,
     rewards: jax.Array,
     timesteps: jax.Array,
+    weights: jax.Array | None = None,
 ) -> tuple[Any, optax.OptState, jax.Array]:
-    """One MSE step of V(x_t, c, t) towards r over every transition of trajectories latents [B, T+1, ...]."""
+    """One MSE step of V(x_t, c, t) towards r over every transition of trajectories latents [B, T+1, ...].
+
+    `weights` f32[B] (0/1) leaves padding trajectories out of the fit. Returns the new params,
+    optimizer state and the MSE before the step.
+    """
     batch, steps = latents.shape[0], timesteps.shape[0]
     x_t = latents[:, :-1].reshape(batch * steps, *latents.shape[2:])
     t = jnp.tile(timesteps, batch)
     c = jnp.repeat(cond, steps, axis=0)
     r = jnp.repeat(rewards, steps)
+    w = None if weights is None else jnp.repeat(weights, steps)
 
     def mse(p):
-        return jnp.mean((network.apply({"params": p}, x_t, c, t) - r) ** 2)
+        return weighted_mean((network.apply({"params": p}, x_t, c, t) - r) ** 2, w)
 
     loss, grads = jax.value_and_grad(mse)(value_params)
     updates, opt_state = optimizer.update(grads, opt_state, value_params)
