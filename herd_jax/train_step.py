@@ -27,7 +27,7 @@ class TrainBatch(NamedTuple):
     log_probs: jax.Array  # f32[B, T]   behaviour-policy log-probs
     cond: jax.Array  # f32[B, L, D] prompt embeddings
     advantages: jax.Array  # f32[B]
-    rewards: jax.Array  # f32[B]      raw rewards (for value baselines)
+    rewards: jax.Array  # f32[B]      what a value baseline is fitted to (dpok: raw or normalised reward)
     weights: jax.Array  # f32[B]      1 for a real sample, 0 for padding (an empty replay slot)
 
 
