@@ -489,8 +489,7 @@ def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, fl
     value, aux = state.value, {"uncond": setup.frozen["uncond"], "base": setup.frozen.get("base")}
     rewards_or_targets = items["reward"]
     if name == "dpok":
-        if cfg.dpok.normalize_rewards:  # value_targets' normalised reward: the advantages above
-            rewards_or_targets = advantages
+        rewards_or_targets = value_targets(setup, batch.stats, items, valid)
         value, extra["train/value_loss"] = update_value(setup, value, batch, rewards_or_targets, jax.random.fold_in(replay_key, 1))
         aux.update(pretrained=setup.frozen["pretrained"], value=value["params"])
     train_batch = TrainBatch(

@@ -87,5 +87,5 @@ def score_function_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """REINFORCE: loss = E[−A·log π_θ] (DDPO_SF). Valid on-policy only (one update per batch)."""
     log_ratio, ratio = safe_ratio(log_prob, old_log_prob)
-    info = dict(ratio_info(log_ratio, ratio, jnp.inf, weights), clipfrac=jnp.zeros((), jnp.float32))
-    return weighted_mean(-advantages * log_prob, weights), info
+    # No clip: with an infinite clip range ratio_info's clipfrac is 0.
+    return weighted_mean(-advantages * log_prob, weights), ratio_info(log_ratio, ratio, jnp.inf, weights)
