@@ -14,21 +14,15 @@ import sys
 import time
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (plus exit code 2), not the whole usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def parser() -> argparse.ArgumentParser:
     from herd_jax import config as config_lib
+    from herd_jax.errors import ArgumentParser
     from herd_jax.metrics import LOGGERS
     from herd_jax.prompts import builtin_sets
     from herd_jax.rewards import reward_names
     from herd_jax.trainer import ALGORITHMS
 
-    p = _Parser(
+    p = ArgumentParser(
         prog="train.py",
         description="Fine-tune Stable Diffusion v1.x with reinforcement learning (JAX/Flax).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,16 +68,13 @@ def parser() -> argparse.ArgumentParser:
         "(a run, checkpoints/ or step directory); the checkpoint's saved config is the base under --config files, "
         "flags and overrides (order: herd_jax/checkpoint.py)",
     )
+    p.add_argument("--overwrite", action="store_true", help="start from scratch in a --run_dir that already holds checkpoints, deleting them (without it such a run is refused)")
     p.add_argument("--coordinator_address", default="", metavar="HOST:PORT", help="multi-host: jax.distributed coordinator (process 0's address)")
     p.add_argument("--num_processes", type=int, default=0, help="multi-host: number of processes")
     p.add_argument("--process_id", type=int, default=-1, help="multi-host: this process's index")
     p.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides (see below)")
     return p
-
-
-def resolve_config(args: argparse.Namespace):
-    return resolve_run(args)[0]
 
 
 def resolve_run(args: argparse.Namespace):
@@ -134,34 +125,26 @@ def enable_compile_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from herd_jax.errors import quiet_libraries, user_errors
+    """Parses, resolves the config, trains; returns the exit code (herd_jax/errors.py lists them)."""
+    from herd_jax.errors import quiet_libraries, report
 
     quiet_libraries()
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
     enable_compile_cache()
-    try:
-        from herd_jax import config as config_lib
-        from herd_jax.trainer import train_and_evaluate
 
+    def run() -> None:
+        from herd_jax import config as config_lib
         from herd_jax import parallel
+        from herd_jax.trainer import train_and_evaluate
 
         cfg, resume = resolve_run(args)
         parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
         if parallel.is_main_process():
             print(config_lib.to_toml(cfg), end="", flush=True)
-        if args.print_config:
-            return 0
-        train_and_evaluate(cfg, resume=resume)
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:  # a non-finite loss: stop loudly, keep the last checkpoint
-        print(f"error: {e} (the last checkpoint in the run directory is intact)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        if not args.print_config:
+            train_and_evaluate(cfg, resume=resume, overwrite=args.overwrite)
+
+    return report(run)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ tests can SIGKILL a process in the middle of a save deterministically.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -50,6 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from herd_jax import config as config_lib
+from herd_jax.errors import StorageError
 
 State = TypeVar("State")
 
@@ -62,8 +64,29 @@ class CheckpointError(ValueError):
     """No usable checkpoint where one was asked for; the message is one line for the user."""
 
 
+class UnreadableCheckpointError(StorageError):
+    """No candidate checkpoint reads back (truncated, corrupt, unreadable files); one line."""
+
+
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)")
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause of a (possibly chained, possibly multi-page) orbax/tensorstore error, one
+    line: the operating system's reason where there is one (tensorstore puts its errno in the
+    message), else the error's first line."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}{f' ({error.filename})' if error.filename else ''}"
+    code = _OS_ERROR_CODE.search(str(error))
+    if code:
+        return os.strerror(int(code.group(1)))
+    return _first_line(error)
 
 
 def _first_line(error: BaseException) -> str:
@@ -97,30 +120,60 @@ def make_manager(cfg: config_lib.Config) -> ocp.CheckpointManager | None:
     return ocp.CheckpointManager(pathlib.Path(cfg.run_dir).resolve() / CHECKPOINTS, options=options)
 
 
-def save(manager: ocp.CheckpointManager | None, state: Any, cfg: config_lib.Config, prompts: list[str]) -> bool:
-    """Saves `state` at step `int(state.step)` when the manager's policy says so; True if it did.
+def save(manager: ocp.CheckpointManager | None, state: Any, cfg: config_lib.Config, prompts: list[str], *, force: bool = False) -> bool:
+    """Saves `state` at step `int(state.step)` when the manager's policy says so (or `force`);
+    True if it did.
 
     Returns once the arrays are on the host (async) or on disk (sync); `state` may then be
-    donated to the next update.
+    donated to the next update. A previous async save that failed to write raises here.
+
+    Raises:
+      StorageError: this or the previous save could not be written (one line; the checkpoints
+        committed before it are intact).
     """
     if manager is None:
         return False
     step = int(jax.device_get(state.step))
-    if not manager.should_save(step):
+    if not (force or manager.should_save(step)) or step in manager.all_steps():
         return False
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(config_lib.to_dict(cfg)),
         prompts=ocp.args.JsonSave(list(prompts)),
     )
-    return bool(manager.save(step, args=args))
+    with _storage_errors(manager, step):
+        return bool(manager.save(step, args=args, force=force))
 
 
 def close(manager: ocp.CheckpointManager | None) -> None:
-    """Waits for a pending async save to be committed, then releases the manager."""
-    if manager is not None:
-        manager.wait_until_finished()
+    """Waits for a pending async save to be committed, then releases the manager.
+
+    Raises:
+      StorageError: the pending save could not be written.
+    """
+    if manager is None:
+        return
+    try:
+        with _storage_errors(manager, None):
+            manager.wait_until_finished()
+    finally:
         manager.close()
+
+
+@contextlib.contextmanager
+def _storage_errors(manager: ocp.CheckpointManager, step: int | None):
+    """Orbax's write failures (a full disk, a read-only path; raised by the save itself or, for an
+    async save, by the next call) as one-line StorageErrors that say what is still intact."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, (StorageError, KeyboardInterrupt)):
+            raise
+        committed = committed_steps(pathlib.Path(manager.directory))
+        intact = f"the last intact checkpoint is {committed[0]}" if committed else "no checkpoint was committed"
+        failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))  # an earlier async save's failure
+        what = f"checkpoint {failed.group(1) if failed else step}" if failed or step is not None else "a checkpoint"
+        raise StorageError(f"cannot write {what} in {manager.directory} ({_reason(e)}); {intact}") from e
 
 
 def write_run_files(cfg: config_lib.Config, prompts: list[str]) -> None:
@@ -169,7 +222,7 @@ class Checkpoints:
         return self.root / str(step)
 
 
-def _steps(root: pathlib.Path) -> tuple[int, ...]:
+def committed_steps(root: pathlib.Path) -> tuple[int, ...]:
     """Committed steps under `root`, newest first (tmp and renamed-aside directories excluded)."""
     if not root.is_dir():
         return ()
@@ -191,8 +244,8 @@ def find(path: str | os.PathLike, *, must_exist: bool = True) -> Checkpoints:
         raise CheckpointError(f"no checkpoint at {path}: no such directory")
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} is a file; --resume and --checkpoint take a run, checkpoints or step directory")
-    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() or not _steps(path) else path
-    found = Checkpoints(root=root, steps=_steps(root))
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() or not committed_steps(path) else path
+    found = Checkpoints(root=root, steps=committed_steps(root))
     if must_exist and not found.steps:
         raise CheckpointError(f"no checkpoint in {path} (expected {CHECKPOINTS}/<step>/ directories written by train.py)")
     return found
@@ -229,20 +282,30 @@ def abstract_like(state: State) -> State:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def restore(checkpoints: Checkpoints, like: State) -> tuple[State, int]:
+def restore(checkpoints: Checkpoints, like: State, cfg: config_lib.Config | None = None) -> tuple[State, int]:
     """Restores the newest candidate that reads back into the structure, shapes and shardings of `like`.
 
-    `like` is the freshly built state (or its `abstract_like`); a candidate that fails is skipped
-    with a one-line warning.
+    `like` is the freshly built state (or its `abstract_like`); a candidate that fails to read is
+    skipped with a one-line warning. A checkpoint whose state has another layout than `like` (a
+    run resumed with another algorithm, trainable subset, buffer size, ...) is not corrupt: it
+    stops the resume at once, naming what differs from its saved config when `cfg` is given.
 
     Raises:
-      CheckpointError: no candidate restores (the message names the newest one's error).
+      CheckpointError: the checkpoints hold another layout (nothing is renamed or skipped).
+      UnreadableCheckpointError: no candidate reads back (the message names the newest one's error).
     """
     abstract = abstract_like(like)
     manager = ocp.CheckpointManager(checkpoints.root, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     errors = []
     try:
         for step in checkpoints.steps:
+            step_dir = checkpoints.step_dir(step)
+            try:
+                saved = _leaf_layout(ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata)
+            except Exception:  # no metadata: corrupt, handled as a failed restore below
+                saved = None
+            if saved and saved != _leaf_layout(abstract):  # empty: metadata unreadable, a corrupt checkpoint
+                raise CheckpointError(_layout_message(checkpoints, step, cfg))
             try:
                 state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
                 saved_step = int(jax.device_get(state["step"] if isinstance(state, dict) else state.step))
@@ -250,12 +313,51 @@ def restore(checkpoints: Checkpoints, like: State) -> tuple[State, int]:
                     raise ValueError(f"holds step {saved_step}")
                 return state, step
             except Exception as e:  # corrupt or incomplete: fall back to the previous checkpoint
-                errors.append(f"{checkpoints.step_dir(step)}: {_first_line(e)}")
+                errors.append(f"{step_dir}: {_reason(e)}")
                 if step != checkpoints.steps[-1]:
                     _warn(f"skipping unreadable checkpoint {errors[-1]}; trying the previous one")
     finally:
         manager.close()
-    raise CheckpointError(f"no checkpoint restores into this run's state; newest error: {errors[0]}" if errors else f"no checkpoint in {checkpoints.root}")
+    raise UnreadableCheckpointError(
+        f"no checkpoint in {checkpoints.root} reads back; newest error: {errors[0]}" if errors else f"no checkpoint in {checkpoints.root}"
+    )
+
+
+def _leaf_layout(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+    """The state's leaves as sorted (shape, dtype) pairs: what a layout change alters, whatever
+    the container types orbax saved them in."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return sorted((tuple(x.shape), str(np.dtype(x.dtype))) for x in leaves if hasattr(x, "shape"))
+
+
+# Keys that never change the state's layout: left out when naming what differs.
+_LAYOUT_NEUTRAL = ("run_dir", "num_epochs", "seed", "logging.", "checkpoint.", "reward.")
+
+
+def _layout_message(checkpoints: Checkpoints, step: int, cfg: config_lib.Config | None) -> str:
+    where = f"checkpoint {checkpoints.step_dir(step)} holds a training state of another layout than this run's"
+    if cfg is None:
+        return where
+    try:
+        saved = config_lib.load_config([saved_config(checkpoints)])
+    except CheckpointError:
+        return where
+    before, now = _flat(config_lib.to_dict(saved)), _flat(config_lib.to_dict(cfg))
+    changed = [k for k in now if before.get(k) != now[k] and not k.startswith(_LAYOUT_NEUTRAL)]
+    if not changed:
+        return f"{where}; resume it with the config it was saved with, or pass a new --run_dir"
+    diffs = ", ".join(f"{k} {before.get(k)!r} -> {now[k]!r}" for k in changed[:4])
+    return f"{where}: it was written with other settings ({diffs}); resume without changing them, or pass a new --run_dir"
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def prepare_resume(checkpoints: Checkpoints, restored_step: int, run_dir: str | os.PathLike) -> None:
@@ -265,7 +367,7 @@ def prepare_resume(checkpoints: Checkpoints, restored_step: int, run_dir: str | 
     newer readable ones (an explicitly chosen older step) are an error: branch into a new run dir.
     """
     root = pathlib.Path(run_dir).resolve() / CHECKPOINTS
-    newer = [s for s in _steps(root) if s > restored_step]
+    newer = [s for s in committed_steps(root) if s > restored_step]
     if not newer:
         return
     if checkpoints.root.resolve() != root or checkpoints.explicit_step:
@@ -305,7 +407,7 @@ def resume(source: Checkpoints | str | os.PathLike, state: State, cfg: config_li
     checkpoints = source if isinstance(source, Checkpoints) else find(source)
     if not checkpoints.steps:
         return state
-    restored, step = restore(checkpoints, state)
+    restored, step = restore(checkpoints, state, cfg)
     prepare_resume(checkpoints, step, cfg.run_dir)
     note = "" if step < cfg.num_epochs else f"; nothing to do: num_epochs={cfg.num_epochs} (raise it to train on)"
     print(f"resuming from {checkpoints.step_dir(step)} at epoch {step}{note}", flush=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 from typing import Any, Callable, Sequence
@@ -134,6 +135,19 @@ def summary(result: Result, prompts: list[str], seeds: Sequence[int], cfg: confi
     }
 
 
+def writable_dir(path: pathlib.Path) -> None:
+    """Creates `path` and checks a file can be written in it; raises StorageError (one line) if not."""
+    from herd_jax.errors import StorageError, describe
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StorageError(f"cannot write to {path}: {describe(e)}") from e
+
+
 def write_outputs(results: list[Result], prompts: list[str], seeds: Sequence[int], cfg: config_lib.Config, out: pathlib.Path) -> list[pathlib.Path]:
     """The PNG and JSON files described in the module docstring; returns their paths."""
     from PIL import Image
@@ -185,6 +199,8 @@ def run(
         raise config_lib.ConfigError(f"--seeds and --num_prompts must be >= 1, got {seeds} and {num_prompts}")
     loaded = [load_checkpoint(c) for c in checkpoints]
     first = loaded[0][0]
+    out_dir = pathlib.Path(out) if out else first.parent.parent / "eval"
+    writable_dir(out_dir)  # fail before the sampling, not after it
     cfg = config_lib.load_config([checkpoint.saved_config(checkpoint.find(first))])
     prompt_list = load_prompts(prompts) if prompts else checkpoint.saved_prompts(first)[:num_prompts]
     sd = load_pipeline(cfg.model)
@@ -206,7 +222,6 @@ def run(
         results = [evaluate_model(m, render, reward, frozen, prompt_list, seed_list, s.batch_size) for m in models]
     finally:
         reward.close()
-    out_dir = pathlib.Path(out) if out else first.parent.parent / "eval"
     written = write_outputs(results, prompt_list, seed_list, cfg, out_dir)
     for r in results:
         print(f"{r.model.label:>12s}: mean {cfg.reward.name} {r.scores.mean():+.4f} over {len(prompt_list)} prompts x {seeds} seeds")
@@ -214,16 +229,11 @@ def run(
     return written
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line usage error (exit code 2), as train.py."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def parser() -> argparse.ArgumentParser:
+    from herd_jax.errors import ArgumentParser
+
     summary_line, _, details = __doc__.partition("\n\n")
-    p = _Parser(prog="python -m herd_jax.evaluate", description=summary_line, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m herd_jax.evaluate", description=summary_line, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", required=True, metavar="DIR", help="run, checkpoints/ or step directory (newest checkpoint); repeat to compare")
     p.add_argument("--compare", action="store_true", help="also evaluate the pretrained model the run started from (step 0)")
     p.add_argument("--prompts", help="built-in prompt set or a text file, one prompt per line (default: the run's first --num_prompts prompts)")
@@ -234,16 +244,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from herd_jax.errors import quiet_libraries, user_errors
+    """Returns the exit code (herd_jax/errors.py lists them)."""
+    from herd_jax.errors import quiet_libraries, report
 
     quiet_libraries()
     args = parser().parse_args(argv)
-    try:
-        run(args.checkpoint, compare=args.compare, prompts=args.prompts, num_prompts=args.num_prompts, seeds=args.seeds, out=args.out)
-    except (*user_errors(), checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return report(lambda: run(args.checkpoint, compare=args.compare, prompts=args.prompts, num_prompts=args.num_prompts, seeds=args.seeds, out=args.out))
 
 
 if __name__ == "__main__":

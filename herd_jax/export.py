@@ -91,9 +91,12 @@ def export(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> pathli
     from herd_jax.evaluate import load_checkpoint, unet_params
     from herd_jax.models import load_pipeline, resolve_model_path
 
+    from herd_jax.evaluate import writable_dir
+
     out = pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not an empty directory")
+    writable_dir(out)  # fail before converting, not after
     step_dir, trained = load_checkpoint(str(checkpoint_path))
     cfg = config_lib.load_config([checkpoint.saved_config(checkpoint.find(step_dir))])
     params = unet_params(cfg, trained, lambda: load_pipeline(cfg.model).params["unet"])  # LoRA: merged into the base
@@ -109,22 +112,20 @@ def export(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> pathli
 
 
 def main(argv: list[str] | None = None) -> int:
-    from herd_jax.errors import quiet_libraries, user_errors
-    from herd_jax.evaluate import _Parser
+    from herd_jax.errors import ArgumentParser, quiet_libraries, report
 
     quiet_libraries()
     summary_line, _, details = __doc__.partition("\n\n")
-    p = _Parser(prog="python -m herd_jax.export", description=summary_line, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m herd_jax.export", description=summary_line, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="run, checkpoints/ or step directory (newest checkpoint)")
     p.add_argument("--out", required=True, metavar="DIR", help="new or empty directory for the diffusers pipeline")
     args = p.parse_args(argv)
-    try:
+
+    def run() -> None:
         out = export(args.checkpoint, args.out)
-    except (*user_errors(), checkpoint.CheckpointError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} (load with diffusers.StableDiffusionPipeline.from_pretrained({str(out)!r}))")
-    return 0
+        print(f"wrote {out} (load with diffusers.StableDiffusionPipeline.from_pretrained({str(out)!r}))")
+
+    return report(run)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def load_prompts(spec: str) -> list[str]:
     """Returns the prompt list named by `spec`: a built-in set or a path to a text file.
 
     Raises:
-      PromptError: one line, when the file is missing or holds no prompts.
+      PromptError: one line, when the file is missing, not UTF-8 text, or holds no prompts.
     """
     if spec == "animals":
         return list(ANIMALS)
@@ -34,7 +34,11 @@ def load_prompts(spec: str) -> list[str]:
     path = pathlib.Path(spec)
     if not path.is_file():
         raise PromptError(f"prompts {spec!r} is neither a built-in set ({', '.join(builtin_sets())}) nor a file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"prompt file {spec} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise PromptError(f"prompt file {spec} holds no prompts (one per line expected)")
     return prompts

@@ -513,13 +513,41 @@ def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, fl
 
 
 def train_and_evaluate(
-    cfg: config_lib.Config, *, progress: bool = True, resume: checkpoint.Checkpoints | str | None = None
+    cfg: config_lib.Config,
+    *,
+    progress: bool = True,
+    resume: checkpoint.Checkpoints | str | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, float]]:
     """Runs epochs `state.step` .. `cfg.num_epochs - 1` and returns each epoch's metrics.
 
     `resume`: checkpoints to continue from (`checkpoint.find`'s result or a path for it); see
     herd_jax/checkpoint.py for the resume order. Checkpoints go to `cfg.run_dir/checkpoints`.
+    The run holds `cfg.run_dir`'s lock throughout; without `resume` a run directory that already
+    has checkpoints is refused unless `overwrite` (herd_jax/rundir.py). SIGTERM or Ctrl-C stop the
+    run after the current epoch with a checkpoint (`errors.Stopped`).
+
+    Raises (each a one-line message; herd_jax/errors.py maps them to exit codes):
+      DivergedError: a non-finite loss. NonFiniteRewardError, RewardModelError: the reward failed.
+      StorageError: the run directory cannot be written. In every case the checkpoints committed
+      before the failure are intact.
     """
+    from herd_jax import errors, rundir
+
+    with rundir.RunLock(cfg.run_dir), rundir.StopRequest() as stop:
+        if resume is None:
+            rundir.check_fresh(cfg.run_dir, overwrite=overwrite)
+        log = errors.log_to_file(pathlib.Path(cfg.run_dir) / "train.log") if parallel.is_main_process() else None
+        try:
+            return _train(cfg, progress, resume, stop)
+        finally:
+            if log is not None:
+                errors.stop_logging_to(log)
+
+
+def _train(cfg: config_lib.Config, progress: bool, resume: Any, stop: Any) -> list[dict[str, float]]:
+    from herd_jax import errors
+
     setup, state = build(cfg)
     history = []
     samples_per_epoch = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
@@ -536,7 +564,9 @@ def train_and_evaluate(
             elapsed = time.perf_counter() - start
             metrics.update({"perf/epoch_s": elapsed, "perf/samples_per_s": samples_per_epoch / elapsed, "train/learning_rate": cfg.train.learning_rate})
             if not np.isfinite(metrics["train/loss"]):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}; stopping")
+                checkpoint.close(manager)  # commit the pending save before saying what is intact
+                manager = None
+                raise errors.DivergedError(f"non-finite loss at epoch {epoch}; stopping ({_intact(cfg)})")
             save_start = time.perf_counter()
             checkpoint.save(manager, state, cfg, setup.prompts)
             metrics["perf/checkpoint_s"] = time.perf_counter() - save_start  # time the loop waited for the save
@@ -546,11 +576,29 @@ def train_and_evaluate(
             history.append(metrics)
             if parallel.is_main_process():
                 bar.write(summary_line(epoch, metrics))
+            if epoch + 1 < cfg.num_epochs and stop.requested():
+                checkpoint.save(manager, state, cfg, setup.prompts, force=True)
+                checkpoint.close(manager)
+                manager = None
+                saved = "checkpoints are off (checkpoint.save_every=0), nothing saved"
+                if cfg.checkpoint.save_every:
+                    saved = f"{_intact(cfg)}; continue with: python train.py --run_dir {cfg.run_dir} --resume"
+                raise errors.Stopped(f"stopped by {stop.signal_name or 'another process'} after epoch {epoch}: {saved}")
+    except OSError as error:  # writing the run directory: one line that says what is intact
+        if isinstance(error, errors.StorageError):
+            raise
+        raise errors.StorageError(f"{errors.describe(error)}; {_intact(cfg)}") from error
     finally:
         checkpoint.close(manager)  # waits for an async save to be committed
         setup.logger.close()
         setup.reward.close()
     return history
+
+
+def _intact(cfg: config_lib.Config) -> str:
+    root = pathlib.Path(cfg.run_dir).resolve() / checkpoint.CHECKPOINTS
+    steps = checkpoint.committed_steps(root)
+    return f"the last checkpoint, {root / str(steps[0])}, is intact" if steps else "no checkpoint was saved"
 
 
 def log_image_grid(setup: Setup, samples: EpochSamples, epoch: int, max_images: int = 16) -> None:

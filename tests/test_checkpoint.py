@@ -4,8 +4,9 @@ Runs are tiny (herd on the colour task, 4 DDIM steps, 4 samples, 1 batch per epo
 this file, test_logging_integration.py and test_evaluate_export.py through `TinyRuns` (one per
 test session, each run made on first use):
   straight: epochs 0..3 in one process (in-process, tensorboard, a checkpoint every epoch)
-  killed:   two `train.py` subprocesses (started together, to share start-up time), SIGKILLed
-            while training epoch 2 ("epoch") and while committing checkpoint 2 ("save")
+  killed:   three `train.py` subprocesses (started together, to share start-up time), SIGKILLed
+            while training epoch 2 ("epoch") and while committing checkpoint 2 ("save"), and sent
+            SIGTERM during epoch 1 with no periodic checkpoints ("sigterm")
   resumed:  `train.py --resume` of the "save" run: epochs 1..3 in-process (wandb offline)
 Exactness: "resumed" must end bit-identical to "straight", and every checkpoint the killed
 processes committed must equal the straight run's checkpoint of the same step.
@@ -30,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.xdist_group("tiny_runs")  # the session's shared tiny runs live on one worker
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -49,9 +52,10 @@ TINY = [
     "checkpoint.keep=5",
     "logging.image_every=1",
 ]
-KILL_POINTS = {  # name: (extra environment, output line that triggers the SIGKILL)
-    "epoch": ({}, r"^epoch +1 \|"),  # checkpoint 1 is committed once epoch 1 is reported (saves are serialised)
-    "save": ({"HERD_JAX_TEST_HANG_IN_SAVE": "2"}, r"hanging before committing checkpoint 2"),
+KILL_POINTS = {  # name: (extra environment, output line that triggers the signal, the signal, extra overrides)
+    "epoch": ({}, r"^epoch +1 \|", signal.SIGKILL, ()),  # checkpoint 1 is committed once epoch 1 is reported (saves are serialised)
+    "save": ({"HERD_JAX_TEST_HANG_IN_SAVE": "2"}, r"hanging before committing checkpoint 2", signal.SIGKILL, ()),
+    "sigterm": ({}, r"^epoch +0 \|", signal.SIGTERM, ("checkpoint.save_every=100",)),  # only the stop saves
 }
 
 
@@ -69,22 +73,23 @@ def wandb_home(root: pathlib.Path):
         yield
 
 
-def _train_process(run_dir: pathlib.Path, env: dict[str, str]) -> subprocess.Popen:
-    cmd = [sys.executable, "train.py", "--config", TINY_FILE, "--run_dir", str(run_dir), "--log_with", "none", "--num_epochs", "50", *TINY, "checkpoint.keep=4"]
+def _train_process(run_dir: pathlib.Path, env: dict[str, str], overrides=()) -> subprocess.Popen:
+    cmd = [sys.executable, "train.py", "--config", TINY_FILE, "--run_dir", str(run_dir), "--log_with", "none", "--num_epochs", "50", *TINY, "checkpoint.keep=4", *overrides]
     return subprocess.Popen(
         cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
 
-def _kill_when(process: subprocess.Popen, pattern: str, done: "queue.Queue") -> None:
-    """Reads the process's output; SIGKILLs it as soon as a line matches (runs in a thread)."""
+def _kill_when(process: subprocess.Popen, pattern: str, sig: int, done: "queue.Queue") -> None:
+    """Reads the process's output; sends `sig` as soon as a line matches (runs in a thread)."""
     lines = []
     for line in process.stdout:
         lines.append(line)
         if re.search(pattern, line):
-            process.send_signal(signal.SIGKILL)
+            process.send_signal(sig)
             break
+    lines += process.stdout.readlines()  # what it says while it stops
     process.wait()
     done.put((process.returncode, "".join(lines)))
 
@@ -98,11 +103,11 @@ class TinyRuns:
 
     def start_kills(self) -> None:
         """Starts the subprocesses now, so they run while the in-process runs train."""
-        for name, (env, pattern) in KILL_POINTS.items():
+        for name, (env, pattern, sig, overrides) in KILL_POINTS.items():
             if name not in self._kills:
-                process = _train_process(self.root / name, env)
+                process = _train_process(self.root / name, env, overrides)
                 done: queue.Queue = queue.Queue()
-                threading.Thread(target=_kill_when, args=(process, pattern, done), daemon=True).start()
+                threading.Thread(target=_kill_when, args=(process, pattern, sig, done), daemon=True).start()
                 self._kills[name] = (process, done)
 
     @functools.cached_property
@@ -207,6 +212,19 @@ def test_sigkill_during_epoch_leaves_committed_checkpoints(runs):
         assert_trees_identical(raw_state(found.step_dir(step)), raw_state(straight / "checkpoints" / str(step)))
 
 
+def test_sigterm_saves_at_the_end_of_the_epoch_and_exits_143(runs):
+    run_dir, returncode, output = runs.killed["sigterm"]
+    assert returncode == 143, output
+    stopped = re.search(r"stopped by SIGTERM after epoch (\d+): the last checkpoint, (\S+), is intact; continue with: .*--resume", output)
+    assert stopped, output
+    step = int(stopped.group(1)) + 1
+    assert stopped.group(2) == str((run_dir / "checkpoints" / str(step)).resolve())
+    assert checkpoint.find(run_dir).steps == (step,)  # save_every=100: only the stop saved
+    assert "Traceback" not in output and "error:" not in output
+    straight, _ = runs.straight
+    assert_trees_identical(raw_state(run_dir / "checkpoints" / str(step)), raw_state(straight / "checkpoints" / str(step)))
+
+
 def test_sigkill_during_save_then_resume_is_bit_exact(runs):
     run_dir, returncode, output = runs.killed["save"]
     assert returncode == -signal.SIGKILL, output
@@ -302,7 +320,7 @@ def test_corrupt_newest_checkpoint_is_skipped(toy_run, capsys):
 def test_all_checkpoints_unreadable_is_one_line_error(toy_run):
     for step in (1, 2, 3):
         _truncate_arrays(toy_run / "checkpoints" / str(step))
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint restores") as info:
+    with pytest.raises(checkpoint.UnreadableCheckpointError, match="no checkpoint in .* reads back") as info:
         checkpoint.restore(checkpoint.find(toy_run), _toy(0))
     assert "\n" not in str(info.value)
 

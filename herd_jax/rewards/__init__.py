@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from herd_jax.rewards.base import Reward, RewardError, check_batch, check_finite
+from herd_jax.rewards.base import NonFiniteRewardError, Reward, RewardError, RewardModelError, check_batch, check_finite
 
 __all__ = [
     "REWARDS",
+    "NonFiniteRewardError",
     "Reward",
     "RewardError",
+    "RewardModelError",
     "check_batch",
     "check_finite",
     "make_reward",

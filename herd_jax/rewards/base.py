@@ -16,6 +16,14 @@ class RewardError(ValueError):
     """A reward cannot be built or cannot score a batch; the message is one line."""
 
 
+class NonFiniteRewardError(RewardError):
+    """A reward came back NaN or infinite (the run stops: it would poison the statistics)."""
+
+
+class RewardModelError(RewardError):
+    """The reward model stopped working while scoring (e.g. its sidecar is out of restarts)."""
+
+
 @runtime_checkable
 class Reward(Protocol):
     """A scorer: ``reward(images, prompts) -> float32[B]``; ``close()`` releases its resources."""
@@ -51,7 +59,7 @@ def check_finite(rewards: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
     with the first offending prompt instead.
 
     Raises:
-      RewardError: naming the first prompt whose reward is NaN or +-inf (and how many are).
+      NonFiniteRewardError: naming the first prompt whose reward is NaN or +-inf (and how many are).
     """
     rewards = np.asarray(rewards, dtype=np.float32).reshape(-1)
     if len(rewards) != len(prompts):
@@ -59,7 +67,7 @@ def check_finite(rewards: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(rewards))
     if bad.size:
         i = int(bad[0])
-        raise RewardError(
+        raise NonFiniteRewardError(
             f"reward is {rewards[i]} for prompt {prompts[i]!r} (index {i}; "
             f"{bad.size} of {len(rewards)} rewards are not finite)"
         )

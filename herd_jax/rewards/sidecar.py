@@ -167,11 +167,13 @@ def serve(worker_path: str, args: list[str]) -> int:
 # Parent side: runs in the main environment.
 
 
-def _reward_error(message: str) -> Exception:
+def _reward_error(message: str, *, model_failed: bool = False) -> Exception:
+    """RewardError; RewardModelError when the model fails while scoring (out of restarts, or the
+    worker's own error): a run stops on it with its own exit code."""
     # Imported here, not at the top: the worker host runs this file in another environment.
-    from herd_jax.rewards.base import RewardError
+    from herd_jax.rewards.base import RewardError, RewardModelError
 
-    return RewardError(message)
+    return (RewardModelError if model_failed else RewardError)(message)
 
 
 class _Process:
@@ -385,7 +387,8 @@ class Sidecar:
             meta, blob = proc.read_frame(deadline)
             if not meta.get("ok"):
                 raise _reward_error(
-                    f"{self.name}: worker failed to score the batch: {meta.get('error')} (log: {self.log_path})"
+                    f"{self.name}: worker failed to score the batch: {meta.get('error')} (log: {self.log_path})",
+                    model_failed=True,
                 )
             return np.frombuffer(blob, dtype="<f4").astype(np.float32).reshape(meta["shape"])
 
@@ -447,7 +450,8 @@ class Sidecar:
                     last = " | ".join(tail) if tail else "(empty)"
                     raise _reward_error(
                         f"{self.name}: worker failed {self.max_restarts + 1} times in a row "
-                        f"(last: {cause}); giving up. Log {self.log_path}, last lines: {last}"
+                        f"(last: {cause}); giving up. Log {self.log_path}, last lines: {last}",
+                        model_failed=True,
                     ) from exc
                 with open(self.log_path, "ab") as log:
                     log.write(
