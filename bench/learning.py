@@ -58,7 +58,10 @@ from typing import Any, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "learning.toml"
-ALGORITHMS = ("ddpo", "ddpg", "dpok", "herd")
+sys.path.insert(0, str(REPO))
+from herd_jax.algorithms import names as _algorithm_names  # noqa: E402
+
+ALGORITHMS = tuple(_algorithm_names())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,60 +286,12 @@ def table_markdown(task: str, rows: list[dict[str, Any]], budget: int, seeds: Se
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# PNG (PIL only: no plotting dependency)
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-
-
-def plot_png(path: pathlib.Path, title: str, curve: dict[str, dict[str, Any]], width: int = 900, height: int = 560) -> None:
+def plot_png(path: pathlib.Path, title: str, curve: dict[str, dict[str, Any]]) -> None:
     """Mean reward against reward queries, a translucent band from the min to the max over seeds."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
+    from herd_jax.plots import Series, line_plot
 
-    font = ImageFont.load_default()
-    left, right, top, bottom = 80, 190, 40, 60
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    xs = np.concatenate([c["grid"] for c in curve.values()])
-    ys = np.concatenate([np.concatenate([c["lo"], c["hi"]]) for c in curve.values()])
-    ys = ys[np.isfinite(ys)]
-    x0, x1 = 0.0, float(xs.max())
-    y0, y1 = float(ys.min()), float(ys.max())
-    pad = 0.05 * (y1 - y0 or 1.0)
-    y0, y1 = y0 - pad, y1 + pad
-    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
-    py = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(6):
-        xv, yv = x0 + i * (x1 - x0) / 5, y0 + i * (y1 - y0) / 5
-        draw.line([px(xv), height - bottom, px(xv), height - bottom + 5], fill="black")
-        draw.text((px(xv) - 12, height - bottom + 8), f"{xv:.0f}", fill="black", font=font)
-        draw.line([left - 5, py(yv), left, py(yv)], fill="black")
-        draw.text((8, py(yv) - 6), f"{yv:.4f}", fill="black", font=font)
-    draw.text((left + (width - left - right) // 2 - 40, height - 25), "reward queries", fill="black", font=font)
-    draw.text((left, 12), title, fill="black", font=font)
-    series = []
-    for i, (name, c) in enumerate(curve.items()):
-        ok = np.isfinite(c["mean"])
-        if ok.any():
-            series.append((name, PALETTE[i % len(PALETTE)], c["grid"][ok], c["lo"][ok], c["hi"][ok], c["mean"][ok]))
-    bands = Image.new("RGBA", image.size, (0, 0, 0, 0))
-    for _, color, g, lo, hi, _ in series:  # all bands first, so no band dims another variant's line
-        layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
-        polygon = [(px(a), py(b)) for a, b in zip(g, hi)] + [(px(a), py(b)) for a, b in zip(g[::-1], lo[::-1])]
-        if len(polygon) >= 3:
-            ImageDraw.Draw(layer).polygon(polygon, fill=color + (45,))
-        bands = Image.alpha_composite(bands, layer)
-    image = Image.alpha_composite(image.convert("RGBA"), bands).convert("RGB")
-    draw = ImageDraw.Draw(image)
-    for i, (name, color, g, _, _, mean) in enumerate(series):
-        if len(g) > 1:
-            draw.line([(px(a), py(b)) for a, b in zip(g, mean)], fill=color, width=3)
-        ly = top + 10 + 18 * i
-        draw.line([width - right + 12, ly + 6, width - right + 36, ly + 6], fill=color, width=3)
-        draw.text((width - right + 42, ly), name, fill="black", font=font)
-    image.save(path)
+    series = [Series(name, c["grid"], c["mean"], c["lo"], c["hi"]) for name, c in curve.items()]
+    line_plot(series, title=title, xlabel="reward queries").save(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -104,8 +104,7 @@ def make_config(args: argparse.Namespace, run_dir: str):
 
 def unet_params(setup, state):
     """The full UNet params the rollout takes (for LoRA: base + adapters merged, as run_epoch does)."""
-    merge = setup.steps.get("unet_params")
-    return merge(state.params, setup.frozen.get("base")) if merge else state.params
+    return setup.steps.unet_params(state.params, setup.frozen.base)
 
 
 def unet_floor_fns(policy, mesh, batch: int):
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "rollout" in measure:
         def rollout():
-            jax.block_until_ready(setup.rollout(params, setup.frozen, ids, key))
+            jax.block_until_ready(setup.steps.rollout(params, setup.frozen, ids, key))
 
         med, _, first = timed(rollout, args.repeats, args.warmup)
         rows.append(("rollout (T steps + decode)", med, B / med, first, f"{B} samples"))
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if "floor" in measure:
         n, call, scan = unet_floor_fns(policy, mesh, B)
         x = parallel.shard_batch(np.random.default_rng(0).standard_normal((n, *policy.latent_shape), np.float32), mesh)
-        cond = parallel.shard_batch(np.asarray(jax.device_get(setup.frozen["prompt_embeds"]))[np.arange(n) % len(setup.prompts)], mesh)
+        cond = parallel.shard_batch(np.asarray(jax.device_get(setup.frozen.goal_embeds))[np.arange(n) % len(setup.prompts)], mesh)
         timesteps = [policy.schedule.timesteps[i] for i in range(T)]
 
         def floor_calls():
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if "decode" in measure:
         decode = jax.jit(policy.decode)
         z = jax.device_put(np.random.default_rng(1).standard_normal((B, *policy.latent_shape), np.float32))
-        med, _, first = timed(lambda: jax.block_until_ready(decode(setup.frozen["vae"], z)), args.repeats, args.warmup)
+        med, _, first = timed(lambda: jax.block_until_ready(decode(setup.frozen.vae, z)), args.repeats, args.warmup)
         rows.append(("VAE decode alone", med, B / med, first, f"{B} latents"))
 
     if "epoch" in measure:
@@ -223,10 +222,9 @@ def epoch_breakdown(setup, epoch: Callable[[], None], repeats: int, samples: int
 
         return call
 
-    saved = setup.rollout, dict(setup.steps), setup.reward
+    saved = setup.steps, setup.reward
     reward = setup.reward
-    setup.rollout = timer("rollouts", setup.rollout)
-    setup.steps = {k: timer(f"step {k}", v) for k, v in setup.steps.items()}
+    setup.steps = type(setup.steps)(**{k: timer("rollouts" if k == "rollout" else f"step {k}", v) for k, v in setup.steps._asdict().items()})
     setup.reward = type("TimedReward", (), {"__call__": staticmethod(timer("reward (worker thread)", reward)), "close": reward.close})()
     per_epoch: dict[str, list[float]] = collections.defaultdict(list)
     try:
@@ -239,7 +237,7 @@ def epoch_breakdown(setup, epoch: Callable[[], None], repeats: int, samples: int
                 per_epoch[name].append(seconds)
             per_epoch["rest (host code, transfers)"].append(total - sum(v for k, v in spent.items() if not k.startswith("reward")))
     finally:
-        setup.rollout, setup.steps, setup.reward = saved
+        setup.steps, setup.reward = saved
     return [(f"  in epoch: {name}", statistics.median(v), samples / max(statistics.median(v), 1e-9), float("nan"), "breakdown")
             for name, v in per_epoch.items()]
 

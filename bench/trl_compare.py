@@ -133,7 +133,7 @@ def herd_worker(s: dict[str, Any], update: str) -> None:
         for _ in range(s["batches"]):
             holder["key"], prompt_key, key = jax.random.split(holder["key"], 3)
             ids = np.asarray(jax.random.randint(prompt_key, (s["batch"],), 0, len(setup.prompts)), np.int32)
-            outs.append(setup.rollout(throughput.unet_params(setup, holder["state"]), setup.frozen, parallel.shard_batch(ids, setup.mesh), key))
+            outs.append(setup.steps.rollout(throughput.unet_params(setup, holder["state"]), setup.frozen, parallel.shard_batch(ids, setup.mesh), key))
         jax.block_until_ready(outs)
 
     def epoch():

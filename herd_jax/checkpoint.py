@@ -64,6 +64,10 @@ class CheckpointError(ValueError):
     """No usable checkpoint where one was asked for; the message is one line for the user."""
 
 
+# Before 2026-12 the TrainState held per-algorithm fields (buffer, value); since, one `algorithm` pytree.
+OLD_LAYOUT = "(before 2026-12); this version cannot resume it: start a new --run_dir (its params can still be evaluated and exported)"
+
+
 class UnreadableCheckpointError(StorageError):
     """No candidate checkpoint reads back (truncated, corrupt, unreadable files); one line."""
 
@@ -265,7 +269,7 @@ def saved_config(checkpoints: Checkpoints) -> dict[str, Any]:
             _warn(f"cannot read the config of {checkpoints.step_dir(step)} ({_first_line(e)})")
             continue
         if isinstance(saved, dict):
-            return dict(saved, run_dir=str(checkpoints.run_dir))
+            return dict(config_lib.upgrade(saved), run_dir=str(checkpoints.run_dir))
     raise CheckpointError(f"no readable config in the checkpoints of {checkpoints.root}")
 
 
@@ -301,10 +305,13 @@ def restore(checkpoints: Checkpoints, like: State, cfg: config_lib.Config | None
         for step in checkpoints.steps:
             step_dir = checkpoints.step_dir(step)
             try:
-                saved = _leaf_layout(ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata)
+                metadata = ocp.StandardCheckpointer().metadata(step_dir / "state").item_metadata
+                saved = _leaf_layout(metadata)
             except Exception:  # no metadata: corrupt, handled as a failed restore below
-                saved = None
+                metadata, saved = None, None
             if saved and saved != _leaf_layout(abstract):  # empty: metadata unreadable, a corrupt checkpoint
+                if "algorithm" not in metadata:
+                    raise CheckpointError(f"{step_dir} was written by an older herd-jax, whose training state had another layout {OLD_LAYOUT}")
                 raise CheckpointError(_layout_message(checkpoints, step, cfg))
             try:
                 state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state

@@ -1,9 +1,10 @@
 """Typed configuration: dataclasses, layered TOML files and `key=value` overrides.
 
-Precedence (later wins): the dataclass defaults below (DDPO's settings for SD v1.x) <
-`configs/algorithms/<algorithm>.toml` < `--config FILE` (repeatable, e.g. configs/tiny.toml) <
-command-line `section.key=value` overrides. Unknown keys and wrong types are one-line
-`ConfigError`s that name the valid keys.
+Precedence (later wins): the dataclass defaults (DDPO's settings for SD v1.x; each algorithm's
+section is defined, with its validation, in its own module under herd_jax/algorithms/) <
+`--config FILE` (repeatable, e.g. configs/tiny.toml) < command-line `section.key=value`
+overrides. Unknown keys, wrong types and values outside a `Literal`'s choices are one-line
+`ConfigError`s that name the valid keys or choices; `validate` checks ranges and divisibility.
 """
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ import json
 import pathlib
 import tomllib
 import typing
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
-class ConfigError(ValueError):
-    """A bad configuration value or key; the message is one line meant for the user."""
+from herd_jax.algorithms.ddpg import DdpgConfig
+from herd_jax.algorithms.dpok import DpokConfig
+from herd_jax.algorithms.grpo import GrpoConfig
+from herd_jax.algorithms.herd import HerdConfig
+from herd_jax.errors import ConfigError  # re-exported: config.ConfigError
+from herd_jax.metrics import LogWith
+from herd_jax.trainable import Mode as TrainableMode
 
 
 @dataclasses.dataclass
@@ -47,14 +52,14 @@ class TrainConfig:
     batch_size: int = 4  # samples per optimizer update (minibatch)
     num_inner_epochs: int = 1
     timestep_fraction: float = 1.0  # fraction of each trajectory's steps trained on
-    estimator: str = "is"  # "is": clipped importance sampling; "sf": score function
-    clip_range: float = 1e-4
+    estimator: Literal["is", "sf"] = "is"  # "is": clipped importance sampling; "sf": score function (on-policy only)
+    clip_range: float = 1e-4  # ε of the ratio clip: PPO's (ddpo, ddpg, herd, grpo) and DPOK's clamp
     adv_clip: float = 5.0
     per_prompt_stats: bool = True
     stats_window: int = 16
     stats_min_count: int = 16
-    update_loop: str = "auto"  # scan: one jitted update (lax.scan loops); host: Python loops over jitted steps (faster on XLA:CPU); auto: host on CPU, else scan
-    trainable: str = "all"  # all | filter (params matching trainable_pattern) | lora (adapters on them)
+    update_loop: Literal["auto", "scan", "host"] = "auto"  # scan: one jitted update (lax.scan loops); host: Python loops over jitted steps (faster on XLA:CPU); auto: host on CPU, else scan
+    trainable: TrainableMode = "all"  # all | filter (params matching trainable_pattern) | lora (adapters on them)
     trainable_pattern: str = "attn[12]/to_(q|k|v|out_0)/kernel$"  # regex over UNet param paths "a/b/kernel"
     lora_rank: int = 4
     lora_alpha: float = 4.0
@@ -87,42 +92,26 @@ class AlgorithmConfig:
 
 
 @dataclasses.dataclass
-class DdpgConfig:
-    """`ddpg` (the original HERD code's name): off-policy DDPO with an ε-greedy behaviour policy."""
+class EvalConfig:
+    """Evaluation during training: fixed prompts × fixed seeds, the same noise every time (logged as eval/, grids in run_dir/samples/)."""
 
-    epsilon: float = 0.2  # probability that an epoch's samples come from the frozen pretrained UNet
+    every: int = 10  # epochs between evaluations (0: never); also before the first epoch and after the last
+    prompts: str = ""  # a prompt set or file; default: the run's first `num_prompts` prompts
+    num_prompts: int = 8
+    seeds: int = 4  # seeds 0..seeds-1 per prompt
 
-
-@dataclasses.dataclass
-class HerdConfig:
-    """`herd`: DDPO updates fed by a replay buffer of fresh trajectories plus hindsight copies."""
-
-    goal_strategy: str = "best"  # sentence | best | random: how a copy's new goal c' is chosen
-    copies: int = 1  # hindsight copies per fresh trajectory
-    best_candidates: int = 8  # `best`: candidate goals scored per image (reward queries each)
-    capacity: int = 256  # buffer size in trajectories
-    keep_epochs: int = 1  # iterations the buffer keeps (the original kept 1; its paper's "b2" kept 2)
-    replay_ratio: float = 1.0  # replayed samples per fresh sample in each update batch
-    correction: str = "recompute"  # recompute: log π_old re-evaluated under c' (ratio starts at 1); behaviour: keep log π(·|c)
-
-
-@dataclasses.dataclass
-class DpokConfig:
-    """`dpok`: KL-regularised policy gradient with a value baseline (Fan et al. 2023)."""
-
-    reward_weight: float = 10.0  # α
-    kl_weight: float = 0.01  # β
-    clip_range: float = 1e-4  # ε of the clamped ratio
-    buffer_transitions: int = 1000  # FIFO size in transitions (trajectories = this / sample.num_steps)
-    value_learning_rate: float = 1e-4
-    value_hidden: int = 256
-    value_steps: int = 1  # MSE steps of V per epoch, each on a fresh draw from the FIFO
-    normalize_rewards: bool = True  # fit V to the per-prompt normalised reward (A = r̂ − V is O(1) on any reward scale); false: raw r, as DPOK
+    def validate(self, cfg: Any, num_devices: int) -> None:
+        for key in ("every",):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"eval.{key} must be >= 0 (0: no evaluation), got {getattr(self, key)}")
+        for key in ("num_prompts", "seeds"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"eval.{key} must be positive, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass
 class LoggingConfig:
-    log_with: str = "wandb"  # wandb (offline without login), tensorboard or none
+    log_with: LogWith = "wandb"  # wandb (offline without login), tensorboard or none
     image_every: int = 10  # log an image grid every N epochs (0: never)
 
 
@@ -144,7 +133,7 @@ class Config:
     run_dir: str = ""  # default: runs/<timestamp>
     seed: int = 0
     num_epochs: int = 100
-    precision: str = "fp32"  # fp32 | bf16: compute dtype of rollouts and training (params, log-probs stay float32)
+    precision: Literal["fp32", "bf16"] = "fp32"  # fp32 | bf16: compute dtype of rollouts and training (params, log-probs stay float32)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
@@ -152,6 +141,8 @@ class Config:
     ddpg: DdpgConfig = dataclasses.field(default_factory=DdpgConfig)
     herd: HerdConfig = dataclasses.field(default_factory=HerdConfig)
     dpok: DpokConfig = dataclasses.field(default_factory=DpokConfig)
+    grpo: GrpoConfig = dataclasses.field(default_factory=GrpoConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
@@ -175,6 +166,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     elif typ is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(typ) is Literal:
+        choices = typing.get_args(typ)
+        if value in choices:
+            return value
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
     elif typing.get_origin(typ) is list:
         (item,) = typing.get_args(typ)
         if isinstance(value, list):
@@ -240,12 +236,8 @@ def read_toml(path: str | pathlib.Path) -> dict[str, Any]:
         raise ConfigError(f"cannot parse {path}: {e}") from None
 
 
-def algorithm_file(name: str) -> pathlib.Path:
-    return CONFIG_DIR / "algorithms" / f"{name}.toml"
-
-
 def load_config(files: Sequence[str | dict[str, Any]] = (), overrides: Sequence[str | dict[str, Any]] = ()) -> Config:
-    """Builds a Config: defaults, the algorithm's file, `files` in order, then `overrides`.
+    """Builds a Config: the dataclass defaults, `files` in order, then `overrides`.
 
     `files` are TOML paths or nested dicts (e.g. a checkpoint's saved config, see
     herd_jax/checkpoint.py). Overrides are `section.key=value` strings or nested dicts.
@@ -254,13 +246,61 @@ def load_config(files: Sequence[str | dict[str, Any]] = (), overrides: Sequence[
     cfg = Config()
     for layer in layers:
         cfg = _merge(Config, cfg, layer)
-    # The algorithm may be chosen by any layer; its own file goes under all of them.
-    algorithm = algorithm_file(cfg.algorithm.name)
-    if algorithm.is_file():
-        cfg = Config()
-        for layer in [read_toml(algorithm)] + layers:
-            cfg = _merge(Config, cfg, layer)
     return cfg
+
+
+# Keys of older versions' saved configs, dropped when a checkpoint's config is read back (its params
+# stay evaluable and exportable); the value says where the setting lives now.
+REMOVED_KEYS = {
+    ("dpok", "clip_range"): "train.clip_range",
+    ("dpok", "buffer_transitions"): "dpok.buffer_epochs",
+}
+
+
+def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (nested dict) without the keys this version removed (REMOVED_KEYS)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for section, key in REMOVED_KEYS:
+        out.get(section, {}).pop(key, None)
+    return out
+
+
+def validate(cfg: Config, num_devices: int) -> None:
+    """Checks what the types cannot (ranges, divisibility, names), the running algorithm's section
+    included; raises a one-line ConfigError."""
+    from herd_jax import algorithms
+    from herd_jax.rewards import reward_names
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    s, t = cfg.sample, cfg.train
+    for key, value in [
+        ("num_epochs", cfg.num_epochs),
+        ("sample.num_steps", s.num_steps),
+        ("sample.batch_size", s.batch_size),
+        ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
+        ("train.batch_size", t.batch_size),
+        ("train.num_inner_epochs", t.num_inner_epochs),
+        ("train.stats_window", t.stats_window),
+        ("train.lora_rank", t.lora_rank),
+        ("train.learning_rate", t.learning_rate),
+    ]:
+        require(value > 0, f"{key} must be positive, got {value}")
+    require(s.eta > 0, f"sample.eta must be > 0 for a stochastic policy, got {s.eta}")
+    require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
+    require(cfg.checkpoint.save_every >= 0, f"checkpoint.save_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint.save_every}")
+    require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    require(cfg.reward.name in reward_names(), f"reward.name={cfg.reward.name!r} is not one of: {', '.join(reward_names())}")
+    samples = s.batch_size * s.num_batches_per_epoch
+    require(samples % t.batch_size == 0, f"samples per epoch ({samples}) must be a multiple of train.batch_size ({t.batch_size})")
+    for key, value in [("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size)]:
+        require(value % num_devices == 0, f"{key}={value} must be a multiple of the number of devices ({num_devices})")
+    cfg.eval.validate(cfg, num_devices)
+    entry = algorithms.get(cfg.algorithm.name)
+    if entry.section is not None:
+        getattr(cfg, entry.section).validate(cfg, num_devices)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -280,12 +320,11 @@ def to_toml(cfg: Config) -> str:
 
 
 _BASE_HEADER = """\
-# Every config key with its built-in default, generated from herd_jax/config.py:
+# Every config key with its built-in default, generated from herd_jax/config.py and the algorithms'
+# config dataclasses:
 #   python -m herd_jax.config > configs/base.toml      (tests/test_checkpoint.py checks it is in sync)
-# A reference, not a starting point: put only the keys you change in your own file. A key set in a
-# --config file overrides configs/algorithms/<algorithm.name>.toml, so copying this whole file would
-# hide an algorithm's own settings. Precedence: defaults < algorithm file < --config files < flags <
-# section.key=value overrides."""
+# A reference, not a starting point: put only the keys you change in your own file.
+# Precedence: defaults < --config files < flags < section.key=value overrides."""
 
 
 def _key_comments(cls: type) -> dict[str, str]:

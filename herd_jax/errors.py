@@ -39,6 +39,10 @@ class ExitCode(enum.IntEnum):
     STOPPED = 143
 
 
+class ConfigError(ValueError):
+    """A bad configuration value or key; the message is one line meant for the user."""
+
+
 class StorageError(OSError):
     """A file or directory cannot be read or written; the message is one line for the user."""
 
@@ -54,7 +58,6 @@ class Stopped(Exception):
 def user_errors() -> tuple[type[Exception], ...]:
     """The exception types whose message is a complete, one-line explanation of bad input."""
     from herd_jax.checkpoint import CheckpointError
-    from herd_jax.config import ConfigError
     from herd_jax.models import ModelNotFoundError
     from herd_jax.prompts import PromptError
     from herd_jax.rewards import RewardError

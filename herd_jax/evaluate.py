@@ -214,7 +214,8 @@ def run(
 
     s = cfg.sample
     policy = make_policy(sd, num_steps=s.num_steps, eta=s.eta, guidance_scale=s.guidance_scale)
-    frozen = {"vae": sd.params["vae"], **encode_prompts(sd, prompt_list, s.negative_prompt)}
+    prompt_embeds, uncond = encode_prompts(sd, prompt_list, s.negative_prompt)
+    frozen = {"vae": sd.params["vae"], "prompt_embeds": prompt_embeds, "uncond": uncond}
     render = make_render(policy)
     reward = make_reward(cfg.reward)
     seed_list = list(range(seeds))

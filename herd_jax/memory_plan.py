@@ -300,11 +300,12 @@ def plan_rollout(model: AbstractModel, policy: Any, batch: int, mesh: Any, preci
     import jax.numpy as jnp
 
     from herd_jax import parallel
+    from herd_jax.algorithms.api import Frozen
     from herd_jax.trainer import make_rollout
 
     parallel.check_divisible(batch, mesh, "rollout batch")
     embed = lambda n: jax.ShapeDtypeStruct((n, model.text_length, model.text_width), jnp.float32)
-    frozen = {"vae": model.params["vae"], "prompt_embeds": embed(batch), "uncond": embed(1)}
+    frozen = Frozen(vae=model.params["vae"], goal_embeds=embed(batch), uncond=embed(1), base=None, pretrained=None)
     ids = jax.ShapeDtypeStruct((batch,), jnp.int32)
     compiled, lower_s, compile_s = _compile(
         make_rollout(policy, mesh), model.params["unet"], frozen, ids, _abstract_key()
@@ -325,24 +326,23 @@ def plan_train(
 
     from herd_jax import parallel
     from herd_jax.algorithms import ddpo
-    from herd_jax.train_step import TrainBatch, make_optimizer, train_on_batch
+    from herd_jax.algorithms.api import Batch, Frozen
+    from herd_jax.train_step import make_optimizer, train_on_batch
 
     parallel.check_divisible(batch, mesh, "train batch")
     base = model.params["unet"]
     trained = jax.eval_shape(lambda b: trainable.init(b, jax.random.PRNGKey(0)), base)
     optimizer = trainable.optimizer(make_optimizer(1e-5), trained)
     opt_state = jax.eval_shape(optimizer.init, trained)
-    aux = {"uncond": jax.ShapeDtypeStruct((1, model.text_length, model.text_width), jnp.float32)}
-    if trainable.mode == "lora":
-        aux["base"] = base
+    uncond = jax.ShapeDtypeStruct((1, model.text_length, model.text_width), jnp.float32)
+    aux = Frozen(vae=None, goal_embeds=None, uncond=uncond, base=base if trainable.mode == "lora" else None, pretrained=None)
     steps = policy.num_steps
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    train_batch = TrainBatch(
+    train_batch = Batch(
         latents=f32(batch, steps + 1, *policy.latent_shape),
         log_probs=f32(batch, steps),
         cond=f32(batch, model.text_length, model.text_width),
-        advantages=f32(batch),
-        rewards=f32(batch),
+        advantages=f32(batch, steps),
         weights=f32(batch),
     )
     update = functools.partial(

@@ -19,12 +19,14 @@ import pathlib
 import socket
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+import typing
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
 
-LOGGERS = ("wandb", "tensorboard", "none")
+LogWith = Literal["wandb", "tensorboard", "none"]
+LOGGERS = typing.get_args(LogWith)
 
 WANDB_PROJECT = "herd-jax"
 _WANDB_DEFAULT_BASE_URL = "https://api.wandb.ai"

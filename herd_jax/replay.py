@@ -6,19 +6,17 @@ of transitions. Both use this module. The buffer is a plain pytree (`ReplayBuffe
 pure functions, so it lives inside the train state, is donated and sharded like the rest of it,
 and is saved by the same orbax checkpoint.
 
-An item is any pytree of arrays; a batch of items has a leading batch axis on every leaf. The
-buffer never looks inside an item except through `relabel`, which replaces the goal fields
-named by `RelabelFields`.
+An item is any pytree of arrays (the trainer stores `algorithms.api.Experience` rows); a batch of
+items has a leading batch axis on every leaf. The buffer never looks inside an item.
 
 Usage (all of it runs under `jax.jit`; capacity and `n` are shapes, so they are static, e.g.
 `jax.jit(replay.sample, static_argnums=2)`):
 
     buf = replay.init(example_item, capacity=256)          # example_item has no batch axis
-    buf = replay.add(buf, traj, epoch=e, original_prompt_id=traj["prompt_id"], relabeled=False)
-    buf = replay.add(buf, replay.relabel(traj, prompt_id=..., prompt_embeds=..., reward=...),
-                     epoch=e, original_prompt_id=traj["prompt_id"], relabeled=True)
+    buf = replay.add(buf, traj, epoch=e, original_prompt_id=traj.goal, relabeled=False)
+    buf = replay.add(buf, copies, epoch=e, original_prompt_id=traj.goal, relabeled=True, mask=has_goal)
     buf = replay.expire(buf, current_epoch=e, keep_epochs=2)
-    minibatch, info = replay.sample_mixed(buf, traj, key, 8, replay_fraction=0.5)
+    items, info = replay.sample(buf, key, 8)
 
 Sharding: put the capacity axis of every `[capacity, ...]` leaf over the mesh axis "data"
 (`shardings` builds that) and `next_index` replicated, so each device stores capacity/devices
@@ -30,8 +28,6 @@ work; sampled items come out replicated, to be resharded over "data" by the cons
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -66,15 +62,6 @@ class ReplayBuffer(NamedTuple):
     def capacity(self) -> int:
         """Number of slots (static)."""
         return self.valid.shape[0]
-
-
-class RelabelFields(NamedTuple):
-    """Names of the item fields that `relabel` replaces (keys of a dict item, or attributes)."""
-
-    prompt_id: str = "prompt_id"
-    prompt_embeds: str = "prompt_embeds"
-    reward: str = "reward"
-    log_probs: str = "log_probs"
 
 
 def init(example_item: Pytree, capacity: int) -> ReplayBuffer:
@@ -223,122 +210,6 @@ def sample(buf: ReplayBuffer, key: jax.Array, n: int) -> tuple[Pytree, dict[str,
     return items, info
 
 
-def sample_mixed(
-    buf: ReplayBuffer,
-    fresh_items: Pytree,
-    key: jax.Array,
-    n: int,
-    *,
-    replay_fraction: float | jax.Array,
-) -> tuple[Pytree, dict[str, jax.Array]]:
-    """Builds a minibatch of `n` items: `round(n * replay_fraction)` replayed, the rest fresh.
-
-    The first `n_replay = round(n * replay_fraction)` rows come from the buffer (`sample`), the
-    other `n - n_replay` from `fresh_items`, drawn uniformly without replacement where possible
-    (cycling through a random permutation when `n - n_replay` exceeds the fresh batch). A Python
-    float fraction is rounded exactly like Python's `round` (half to even); a traced one is
-    rounded in float32, so it may differ only when `n * replay_fraction` is within float32
-    rounding of a .5 tie, and can change without recompiling. If the buffer is empty, the
-    replay rows are filled with further fresh items instead (`info["from_buffer"]` False), so
-    the first iteration needs no special case.
-
-    Args:
-      buf: the buffer; its item structure must match `fresh_items`.
-      fresh_items: batch of fresh items, each leaf `[F, *item_shape]`.
-      key: PRNG key.
-      n: minibatch size (static).
-      replay_fraction: fraction of the minibatch taken from the buffer, in [0, 1].
-
-    Returns:
-      `(minibatch, info)`: minibatch leaves `[n, *item_shape]`; info holds, all `[n]`,
-      `from_buffer` (bool), `index` (int32: buffer slot if from the buffer, else row of
-      `fresh_items`) and `relabeled` (bool; False for fresh rows).
-    """
-    num_fresh = _check_batch(buf.items, fresh_items, "sample_mixed")
-    if isinstance(replay_fraction, (int, float)):
-        if not 0.0 <= replay_fraction <= 1.0:
-            raise ValueError(f"replay_fraction must be in [0, 1], got {replay_fraction}")
-        n_replay = round(n * replay_fraction)
-    else:
-        fraction = jnp.clip(jnp.asarray(replay_fraction, jnp.float32), 0.0, 1.0)
-        n_replay = jnp.round(n * fraction).astype(jnp.int32)
-
-    key_replay, key_fresh = jax.random.split(key)
-    replayed, replay_info = sample(buf, key_replay, n)
-    row = jnp.arange(n, dtype=jnp.int32)
-    # Fresh rows walk a random permutation starting at row n_replay, so the fresh part (and,
-    # for an empty buffer, the whole minibatch) is without replacement where possible.
-    perm = jax.random.permutation(key_fresh, num_fresh).astype(jnp.int32)
-    fresh_index = perm[(row - n_replay) % num_fresh]
-    fresh = jax.tree.map(lambda x: _take(x, fresh_index), fresh_items)
-
-    from_buffer = (row < n_replay) & replay_info["valid"]
-
-    def select(r, f):
-        return jnp.where(from_buffer.reshape((n,) + (1,) * (r.ndim - 1)), r, f)
-
-    info = {
-        "from_buffer": from_buffer,
-        "index": jnp.where(from_buffer, replay_info["index"], fresh_index),
-        "relabeled": from_buffer & replay_info["relabeled"],
-    }
-    return jax.tree.map(select, replayed, fresh), info
-
-
-def relabel(
-    items: Pytree,
-    *,
-    prompt_id: jax.Array,
-    prompt_embeds: jax.Array,
-    reward: jax.Array,
-    log_probs: jax.Array | None = None,
-    fields: RelabelFields = RelabelFields(),
-) -> Pytree:
-    """Returns hindsight copies of `items`: the same trajectories under another goal.
-
-    Only the goal fields are replaced: prompt id, prompt embeddings, reward (re-scored by the
-    caller under the new goal) and, when given, the log-probs (the `recompute` off-policy
-    correction: log pi_old(x_{t-1} | x_t, c') under the new goal). Everything else (latents,
-    timesteps, images, ...) is shared untouched. Nothing is marked here: pass `relabeled=True`
-    and the original goal to `add`.
-
-    Args:
-      items: a batch of items: a dict (or other mapping), NamedTuple or dataclass (e.g.
-        `flax.struct`) holding the fields named by `fields`.
-      prompt_id: new goal ids, broadcastable to the field's shape (e.g. int32[B]).
-      prompt_embeds: new goal embeddings, broadcastable to the field's shape (e.g. [B, 77, D]).
-      reward: rewards under the new goal, broadcastable to the field's shape (e.g. f32[B]).
-      log_probs: optional log-probs under the new goal (e.g. f32[B, T]); kept when None.
-      fields: names of those fields in `items`.
-
-    Returns:
-      `items` of the same type and structure with those fields replaced (values cast to the
-      field's dtype).
-    """
-    new = {fields.prompt_id: prompt_id, fields.prompt_embeds: prompt_embeds, fields.reward: reward}
-    if log_probs is not None:
-        new[fields.log_probs] = log_probs
-    current = _as_mapping(items)
-    updates = {}
-    for name, value in new.items():
-        if name not in current:
-            raise KeyError(
-                f"relabel: items have no field {name!r} (fields: {sorted(current)}); "
-                "name the right one with fields=RelabelFields(...)"
-            )
-        old = jnp.asarray(current[name])
-        value = jnp.asarray(value)
-        if not jnp.can_cast(value.dtype, old.dtype, casting="same_kind"):
-            raise TypeError(f"relabel: {name!r} is {old.dtype}, cannot take {value.dtype}")
-        try:
-            updates[name] = jnp.broadcast_to(value, old.shape).astype(old.dtype)
-        except ValueError:
-            raise ValueError(
-                f"relabel: {name!r} has shape {old.shape}; new value's {value.shape} does not fit"
-            ) from None
-    return _replace_fields(items, updates)
-
-
 def shardings(buf_abstract: ReplayBuffer, mesh: Mesh, axis: str = "data") -> ReplayBuffer:
     """Shardings for a buffer: capacity axis over `axis`, `next_index` replicated.
 
@@ -426,23 +297,3 @@ def _per_item(value: Any, dtype: Any, batch: int, name: str) -> jax.Array:
     if value.shape not in ((), (batch,)):
         raise ValueError(f"add: {name} must be a scalar or [{batch}], got shape {value.shape}")
     return jnp.broadcast_to(value, (batch,))
-
-
-def _as_mapping(items: Pytree) -> Mapping[str, Any]:
-    if isinstance(items, Mapping):
-        return items
-    if hasattr(items, "_asdict"):
-        return items._asdict()
-    if dataclasses.is_dataclass(items):
-        return {f.name: getattr(items, f.name) for f in dataclasses.fields(items)}
-    raise TypeError(f"relabel: items must be a mapping, NamedTuple or dataclass, got {type(items)}")
-
-
-def _replace_fields(items: Pytree, updates: dict[str, Any]) -> Pytree:
-    if isinstance(items, dict):
-        return {**items, **updates}
-    if isinstance(items, Mapping):
-        return type(items)({**items, **updates})
-    if hasattr(items, "_replace"):
-        return items._replace(**updates)
-    return dataclasses.replace(items, **updates)

@@ -8,45 +8,22 @@ jitted function of (params, opt_state, batch, key): one dispatch per sampled bat
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from herd_jax.algorithms import api
+from herd_jax.algorithms.api import Batch
 from herd_jax.parallel import DATA_AXIS
 
 Params = Any
 
 
-class TrainBatch(NamedTuple):
-    """Trajectories prepared for training (leading axis: sample)."""
-
-    latents: jax.Array  # f32[B, T+1, C, h, w]
-    log_probs: jax.Array  # f32[B, T]   behaviour-policy log-probs
-    cond: jax.Array  # f32[B, L, D] prompt embeddings
-    advantages: jax.Array  # f32[B]
-    rewards: jax.Array  # f32[B]      what a value baseline is fitted to (dpok: raw or normalised reward)
-    weights: jax.Array  # f32[B]      1 for a real sample, 0 for padding (an empty replay slot)
-
-
-class Transition(NamedTuple):
-    """One timestep of a minibatch of trajectories."""
-
-    x_t: jax.Array  # f32[b, C, h, w]
-    x_prev: jax.Array  # f32[b, C, h, w]
-    t: jax.Array  # int32[b]
-    step_index: jax.Array  # int32[b]  index into the sampling schedule (0 = first step)
-    old_log_prob: jax.Array  # f32[b]
-    cond: jax.Array  # f32[b, L, D]
-    advantages: jax.Array  # f32[b]
-    rewards: jax.Array  # f32[b]
-    weights: jax.Array  # f32[b]  0 rows are padding: no gradient, not in the logged means
-
-
-# loss_fn(params, aux, transition) -> (loss, info); `aux` holds non-trained inputs (e.g. frozen params).
-LossFn = Callable[[Params, Any, Transition], tuple[jax.Array, dict[str, jax.Array]]]
+# loss(params, frozen, transition) -> (loss, info); `frozen` (api.Frozen) holds what is not trained.
+LossFn = api.LossFn
 
 
 def make_optimizer(
@@ -65,24 +42,22 @@ def make_optimizer(
     )
 
 
-def _transitions(batch: TrainBatch, timesteps: jax.Array, time_perm: jax.Array, j: jax.Array) -> Transition:
+def _transitions(batch: Batch, timesteps: jax.Array, time_perm: jax.Array, j: jax.Array) -> api.Transition:
     """The j-th shuffled timestep of each sample; time_perm is int32[b, T]."""
     idx = time_perm[:, j]
     rows = jnp.arange(idx.shape[0])
-    return Transition(
+    return api.Transition(
         x_t=batch.latents[rows, idx],
         x_prev=batch.latents[rows, idx + 1],
         t=timesteps[idx],
-        step_index=idx,
         old_log_prob=batch.log_probs[rows, idx],
         cond=batch.cond,
-        advantages=batch.advantages,
-        rewards=batch.rewards,
+        advantages=batch.advantages[rows, idx],
         weights=batch.weights,
     )
 
 
-def _shuffle(batch: TrainBatch, key: jax.Array, minibatch_size: int) -> tuple[TrainBatch, jax.Array]:
+def _shuffle(batch: Batch, key: jax.Array, minibatch_size: int) -> tuple[Batch, jax.Array]:
     """One inner epoch's order: samples shuffled and split into minibatches [M, b, ...], and a
     per-sample permutation of the timesteps [M, b, T]."""
     num_samples, num_steps = batch.log_probs.shape
@@ -98,8 +73,8 @@ def train_on_batch(
     optimizer: optax.GradientTransformation,
     params: Params,
     opt_state: optax.OptState,
-    aux: Any,
-    batch: TrainBatch,
+    frozen: api.Frozen,
+    batch: Batch,
     timesteps: jax.Array,
     key: jax.Array,
     *,
@@ -127,7 +102,7 @@ def train_on_batch(
 
         def accumulate(grads, j):
             transition = _transitions(minibatch, timesteps, time_perm, j)
-            (loss, info), g = jax.value_and_grad(loss_fn, has_aux=True)(params, aux, transition)
+            (loss, info), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, transition)
             info = dict(info, loss=loss)
             return jax.tree.map(jnp.add, grads, g), info
 
@@ -173,16 +148,16 @@ class HostLoopUpdate:
     ):
         self.num_inner_epochs, self.minibatch_size, self.num_train_timesteps = num_inner_epochs, minibatch_size, num_train_timesteps
 
-        def prepare(batch: TrainBatch, key: jax.Array):
+        def prepare(batch: Batch, key: jax.Array):
             out = jax.vmap(lambda k: _shuffle(batch, k, minibatch_size))(jax.random.split(key, num_inner_epochs))
             if mesh is not None:  # [epoch, minibatch, sample, ...]: samples over `data`
                 out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P(None, None, DATA_AXIS)))
             return out
 
-        def accumulate(grads, params, aux, minibatches, time_perms, timesteps, e, m, j):
+        def accumulate(grads, params, frozen, minibatches, time_perms, timesteps, e, m, j):
             minibatch = jax.tree.map(lambda x: x[e, m], minibatches)
             transition = _transitions(minibatch, timesteps, time_perms[e, m], j)
-            (loss, info), g = jax.value_and_grad(loss_fn, has_aux=True)(params, aux, transition)
+            (loss, info), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, transition)
             return jax.tree.map(jnp.add, grads, g), dict(info, loss=loss)
 
         def apply(params, opt_state, grads):
@@ -199,7 +174,7 @@ class HostLoopUpdate:
             "mean": jax.jit(lambda infos: jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *infos)),
         }
 
-    def __call__(self, params, opt_state, aux, batch: TrainBatch, timesteps: jax.Array, key: jax.Array):
+    def __call__(self, params, opt_state, frozen: api.Frozen, batch: Batch, timesteps: jax.Array, key: jax.Array):
         f = self.jitted
         if batch.log_probs.shape[0] % self.minibatch_size:
             raise ValueError(f"batch of {batch.log_probs.shape[0]} samples is not a multiple of the train batch size {self.minibatch_size}")
@@ -209,7 +184,7 @@ class HostLoopUpdate:
             for m in range(batch.log_probs.shape[0] // self.minibatch_size):
                 grads, step_infos = f["zeros"](params), []
                 for j in range(self.num_train_timesteps):
-                    grads, info = f["accumulate"](grads, params, aux, minibatches, time_perms, timesteps, e, m, j)
+                    grads, info = f["accumulate"](grads, params, frozen, minibatches, time_perms, timesteps, e, m, j)
                     step_infos.append(info)
                 params, opt_state, grad_norm = f["apply"](params, opt_state, grads)
                 infos.append(dict(f["mean"](step_infos), grad_norm=grad_norm))

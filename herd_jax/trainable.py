@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import flax.traverse_util
 import jax
@@ -26,7 +27,8 @@ import jax.numpy as jnp
 import optax
 
 Params = Any
-MODES = ("all", "filter", "lora")
+Mode = Literal["all", "filter", "lora"]
+MODES = typing.get_args(Mode)
 ATTENTION_PROJECTIONS = r"attn[12]/to_(q|k|v|out_0)/kernel$"
 
 
@@ -81,10 +83,10 @@ class Trainable:
         return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
     def wrap_loss(self, loss_fn: Any) -> Any:
-        """A loss over UNet params -> a loss over the trainable pytree (`aux["base"]`: the frozen UNet, for lora)."""
+        """A loss over UNet params -> a loss over the trainable pytree (`frozen.base`: the frozen UNet, for lora)."""
         if self.mode != "lora":
             return loss_fn
-        return lambda trainable, aux, transition: loss_fn(self.unet_params(trainable, aux["base"]), aux, transition)
+        return lambda trainable, frozen, transition: loss_fn(self.unet_params(trainable, frozen.base), frozen, transition)
 
     def optimizer(self, inner: optax.GradientTransformation, trainable: Params) -> optax.GradientTransformation:
         """`inner` on what trains; for `filter`, everything else is frozen by `optax.set_to_zero`."""

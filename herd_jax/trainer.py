@@ -1,9 +1,10 @@
-"""The training loop: sample → reward → advantages → update, epoch after epoch.
+"""The training loop: sample → reward → prepare (the algorithm) → update, epoch after epoch.
 
 This is the only module with side effects (devices, files, threads, logging). Everything it
 calls is a pure function of (state, batch, key) or a small object at the edge (reward,
-logger). One epoch reads top-down as DESIGN.md's data flow:
-`collect_rollouts` → `compute_advantages` → `train_on_batch` → log.
+logger). The algorithm is a plug-in (herd_jax/algorithms/api.py): the loop has no algorithm
+branches. One epoch reads top-down as DESIGN.md's data flow:
+`collect_rollouts` → `ask_rewards` → `prepare` → `update` → `finish` → log.
 """
 from __future__ import annotations
 
@@ -21,15 +22,17 @@ import numpy as np
 import optax
 import tqdm
 
+from herd_jax import algorithms
 from herd_jax import config as config_lib
-from herd_jax import checkpoint, parallel, replay, stats
-from herd_jax.algorithms import ddpg, ddpo, dpok, herd
+from herd_jax import checkpoint, parallel, stats
+from herd_jax.algorithms.api import Algorithm, Context, Experience, Frozen, Queries
 from herd_jax.diffusion import Policy, Trajectory, make_policy
 from herd_jax.prompts import load_prompts
-from herd_jax.trainable import MODES as TRAINABLE_MODES, Trainable
-from herd_jax.train_step import HostLoopUpdate, TrainBatch, make_optimizer, train_on_batch
+from herd_jax.trainable import Trainable
+from herd_jax.train_step import HostLoopUpdate, make_optimizer, train_on_batch
 
 Params = Any
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 @flax.struct.dataclass
@@ -37,13 +40,23 @@ class TrainState:
     """Everything that changes during training; one orbax save of it is a checkpoint."""
 
     step: jax.Array  # int32[]  epochs completed
-    params: Params  # trainable UNet params
+    params: Params  # trainable UNet params (the LoRA adapters under train.trainable=lora)
     opt_state: optax.OptState
     rng: jax.Array  # uint32[2]  root key; epoch keys are fold_in(rng, step)
     stats: stats.PromptStats  # per-goal reward windows
-    reward_queries: jax.Array  # int32[]  reward-model calls so far (fresh + relabeled)
-    buffer: replay.ReplayBuffer | None = None  # herd: fresh + hindsight trajectories; dpok: FIFO
-    value: dict[str, Any] | None = None  # dpok: {"params", "opt_state"} of the value network
+    reward_queries: jax.Array  # int32[]  reward-model calls so far (fresh + the algorithm's queries)
+    algorithm: Any  # the algorithm's state pytree (herd: replay buffer; dpok: FIFO + value net; ddpo: ())
+
+
+class Steps(NamedTuple):
+    """The compiled functions of an epoch."""
+
+    rollout: Callable[..., Trajectory]  # (unet params, frozen, prompt ids int32[b], key) -> Trajectory
+    unet_params: Callable[[Params, Params | None], Params]  # trainable pytree (+ LoRA base) -> UNet params
+    queries: Callable[..., Queries]
+    prepare: Callable[..., Any]
+    update: Callable[..., Any]  # (params, opt_state, frozen, batch, timesteps, key) -> (params, opt_state, info)
+    finish: Callable[..., Any]
 
 
 @dataclasses.dataclass
@@ -52,77 +65,16 @@ class Setup:
 
     cfg: config_lib.Config
     prompts: list[str]  # the prompt set rollouts sample from (goal ids 0..P-1)
-    goals: list[str]  # prompts, then hindsight-only goals (herd `sentence`); ids index this list
-    sentence_ids: list[list[int]]  # herd `sentence`: each prompt's sentence goal ids
+    goals: list[str]  # prompts, then the algorithm's extra goals; goal ids index this list
     mesh: jax.sharding.Mesh
     policy: Policy
     trainable: Trainable  # which UNet params train; TrainState.params is its trainable pytree
-    frozen: dict[str, Params]  # vae, goal embeddings, negative embedding, UNet base (lora), pretrained UNet (ddpg/dpok)
-    rollout: Callable[..., Trajectory]
-    steps: dict[str, Callable[..., Any]]  # jitted pure functions, by name
+    algorithm: Algorithm
+    frozen: Frozen
+    steps: Steps
     reward: Any
     logger: Any
-
-
-def validate(cfg: config_lib.Config, num_devices: int) -> None:
-    """Checks values the dataclass types cannot; raises a one-line ConfigError."""
-    from herd_jax.metrics import LOGGERS
-    from herd_jax.rewards import reward_names
-
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise config_lib.ConfigError(message)
-
-    def choice(value: str, choices: Any, key: str) -> None:
-        require(value in choices, f"{key}={value!r} is not one of: {', '.join(choices)}")
-
-    s, t = cfg.sample, cfg.train
-    for key, value in [
-        ("num_epochs", cfg.num_epochs),
-        ("sample.num_steps", s.num_steps),
-        ("sample.batch_size", s.batch_size),
-        ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
-        ("train.batch_size", t.batch_size),
-        ("train.num_inner_epochs", t.num_inner_epochs),
-        ("train.stats_window", t.stats_window),
-        ("dpok.value_steps", cfg.dpok.value_steps),
-    ]:
-        require(value > 0, f"{key} must be positive, got {value}")
-    require(s.eta > 0, f"sample.eta must be > 0 for a stochastic policy, got {s.eta}")
-    require(0 < t.timestep_fraction <= 1, f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
-    require(t.learning_rate > 0, f"train.learning_rate must be positive, got {t.learning_rate}")
-    require(t.lora_rank > 0, f"train.lora_rank must be positive, got {t.lora_rank}")
-    choice(t.trainable, TRAINABLE_MODES, "train.trainable")
-    choice(cfg.precision, PRECISIONS, "precision")
-    choice(t.update_loop, UPDATE_LOOPS, "train.update_loop")
-    require(cfg.checkpoint.save_every >= 0, f"checkpoint.save_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint.save_every}")
-    require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
-    choice(cfg.algorithm.name, ALGORITHMS, "algorithm.name")
-    choice(cfg.reward.name, reward_names(), "reward.name")
-    choice(cfg.logging.log_with, LOGGERS, "logging.log_with")
-    choice(t.estimator, ddpo.ESTIMATORS, "train.estimator")
-    samples = s.batch_size * s.num_batches_per_epoch
-    require(samples % t.batch_size == 0, f"samples per epoch ({samples}) must be a multiple of train.batch_size ({t.batch_size})")
-    for key, value in [("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size)]:
-        require(value % num_devices == 0, f"{key}={value} must be a multiple of the number of devices ({num_devices})")
-    require(0 <= cfg.ddpg.epsilon <= 1, f"ddpg.epsilon must be in [0, 1], got {cfg.ddpg.epsilon}")
-    h = cfg.herd
-    choice(h.goal_strategy, herd.STRATEGIES, "herd.goal_strategy")
-    choice(h.correction, herd.CORRECTIONS, "herd.correction")
-    for key, value in [("herd.copies", h.copies), ("herd.best_candidates", h.best_candidates), ("herd.capacity", h.capacity), ("herd.keep_epochs", h.keep_epochs)]:
-        require(value > 0, f"{key} must be positive, got {value}")
-    if cfg.algorithm.name == "herd":
-        replayed = num_replayed(cfg)
-        require(replayed >= 0 and replayed == samples * h.replay_ratio, f"herd.replay_ratio × samples per epoch ({samples}) must be a whole number ≥ 0, got {h.replay_ratio}")
-        require((samples + replayed) % t.batch_size == 0, f"fresh + replayed samples ({samples} + {replayed}) must be a multiple of train.batch_size ({t.batch_size})")
-        require(h.capacity % num_devices == 0, f"herd.capacity={h.capacity} must be a multiple of the number of devices ({num_devices})")
-    if cfg.algorithm.name == "dpok":
-        require(cfg.dpok.buffer_transitions >= samples * s.num_steps, f"dpok.buffer_transitions must hold at least one epoch ({samples * s.num_steps} transitions)")
-
-
-ALGORITHMS = ("herd", "ddpg", "ddpo", "dpok")
-PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-UPDATE_LOOPS = ("auto", "scan", "host")
+    eval_prompts: tuple[list[str], jax.Array]  # the evaluation's prompts and their embeddings f32[E, L, D]
 
 
 def update_loop(choice: str) -> str:
@@ -133,184 +85,144 @@ def update_loop(choice: str) -> str:
     return choice
 
 
-def num_replayed(cfg: config_lib.Config) -> int:
-    """herd: replayed samples added to each update batch."""
-    return int(round(cfg.sample.batch_size * cfg.sample.num_batches_per_epoch * cfg.herd.replay_ratio))
-
-
-def dpok_capacity(cfg: config_lib.Config) -> int:
-    return cfg.dpok.buffer_transitions // cfg.sample.num_steps
-
-
-def init_state(
-    cfg: config_lib.Config,
-    unet_params: Params,
-    optimizer: optax.GradientTransformation,
-    num_goals: int,
-    replay_item: dict[str, jax.ShapeDtypeStruct] | None = None,
-    value: dict[str, Any] | None = None,
-) -> TrainState:
-    buffer = None
-    if cfg.algorithm.name in ("herd", "dpok"):
-        capacity = cfg.herd.capacity if cfg.algorithm.name == "herd" else dpok_capacity(cfg)
-        buffer = replay.init(replay_item, capacity)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=unet_params,
-        opt_state=optimizer.init(unet_params),
-        rng=jax.random.PRNGKey(cfg.seed),
-        stats=stats.init(num_goals, cfg.train.stats_window),
-        reward_queries=jnp.zeros((), jnp.int32),
-        buffer=buffer,
-        value=value,
-    )
-
-
-def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
-    """Replicated everywhere except the replay buffer, whose capacity axis is split over `data`."""
-    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
-    if state.buffer is not None:
-        shardings = shardings.replace(buffer=replay.shardings(state.buffer, mesh))
-    return shardings
-
-
-def encode_prompts(sd: Any, prompts: list[str], negative_prompt: str) -> dict[str, jax.Array]:
-    """Text embeddings of the prompt set [P, L, D] and of the negative prompt [1, L, D]."""
+def encode_prompts(sd: Any, prompts: Sequence[str], negative_prompt: str) -> tuple[jax.Array, jax.Array]:
+    """Text embeddings of the prompts f32[P, L, D] and of the negative prompt f32[1, L, D]."""
     encode = jax.jit(sd.encode_text)
-    return {
-        "prompt_embeds": encode(sd.params["text_encoder"], jnp.asarray(sd.tokenize(prompts))),
-        "uncond": encode(sd.params["text_encoder"], jnp.asarray(sd.tokenize([negative_prompt]))),
-    }
+    tokens = jnp.asarray(sd.tokenize(list(prompts) + [negative_prompt]))
+    embeds = encode(sd.params["text_encoder"], tokens)
+    return embeds[:-1], embeds[-1:]
 
 
 def make_rollout(policy: Policy, mesh: jax.sharding.Mesh) -> Callable[..., Trajectory]:
     """jit(rollout) with the batch (prompt ids in, trajectories out) split over the mesh's `data` axis.
 
-    The returned function takes (unet_params, frozen, prompt_ids int32[B], key); `frozen` holds
-    "vae", "prompt_embeds" and "uncond" (see `encode_prompts`), replicated.
+    The returned function takes (unet_params, frozen: Frozen, prompt_ids int32[B], key).
     """
 
-    def rollout(unet_params, frozen, prompt_ids, key):
-        cond = frozen["prompt_embeds"][prompt_ids]
-        return policy.rollout(unet_params, frozen["vae"], cond, frozen["uncond"], key)
+    def rollout(unet_params, frozen: Frozen, prompt_ids, key):
+        return policy.rollout(unet_params, frozen.vae, frozen.goal_embeds[prompt_ids], frozen.uncond, key)
 
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     return jax.jit(rollout, in_shardings=(replicated, replicated, sharded, replicated), out_shardings=sharded)
 
 
 def build(cfg: config_lib.Config) -> tuple[Setup, TrainState]:
-    """Loads models, builds compiled functions and the initial state. Raises one-line errors."""
+    """Loads models, builds the algorithm, compiled functions and the initial state. Raises one-line errors."""
     from herd_jax.metrics import make_logger
     from herd_jax.models import load_pipeline
     from herd_jax.rewards import make_reward
 
     mesh = parallel.make_mesh()
-    validate(cfg, mesh.shape[parallel.DATA_AXIS])
+    config_lib.validate(cfg, mesh.shape[parallel.DATA_AXIS])
     prompts = load_prompts(cfg.prompts)
-    name = cfg.algorithm.name
-    goals, sentence_ids = herd.build_goals(prompts, cfg.herd.goal_strategy if name == "herd" else "")
     sd = load_pipeline(cfg.model, compute_dtype=PRECISIONS[cfg.precision])
     policy = make_policy(sd, num_steps=cfg.sample.num_steps, eta=cfg.sample.eta, guidance_scale=cfg.sample.guidance_scale)
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    samples = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
+
+    prompt_embeds, uncond = encode_prompts(sd, prompts, cfg.sample.negative_prompt)
+    item = Experience(
+        latents=jax.ShapeDtypeStruct((samples, cfg.sample.num_steps + 1, *policy.latent_shape), jnp.float32),
+        log_probs=jax.ShapeDtypeStruct((samples, cfg.sample.num_steps), jnp.float32),
+        goal=jax.ShapeDtypeStruct((samples,), jnp.int32),
+        cond=jax.ShapeDtypeStruct((samples, *prompt_embeds.shape[1:]), jnp.float32),
+        reward=jax.ShapeDtypeStruct((samples,), jnp.float32),
+    )
+    algorithm = algorithms.get(cfg.algorithm.name).make(Context(cfg, policy, tuple(prompts), samples, item))
+    goals = list(prompts) + list(algorithm.extra_goals)
+    if algorithm.extra_goals:
+        prompt_embeds = jnp.concatenate([prompt_embeds, encode_prompts(sd, algorithm.extra_goals, "")[0]])
 
     t = cfg.train
     trainable = Trainable(t.trainable, t.trainable_pattern, t.lora_rank, t.lora_alpha)
-    trainable_params = trainable.init(sd.params["unet"], jax.random.PRNGKey(cfg.seed + 2))
-    frozen = {"vae": sd.params["vae"], **encode_prompts(sd, goals, cfg.sample.negative_prompt)}
-    if t.trainable == "lora":
-        frozen["base"] = sd.params["unet"]
-    if name in ("ddpg", "dpok"):
-        frozen["pretrained"] = sd.params["unet"]
-    frozen = parallel.replicate(frozen, mesh)
-    if "pretrained" in frozen and t.trainable != "lora":  # its own buffers: the trained copy is donated to each update
-        frozen["pretrained"] = jax.tree.map(jnp.copy, frozen["pretrained"])
-
-    optimizer = trainable.optimizer(
-        make_optimizer(
-            t.learning_rate, b1=t.adam_beta1, b2=t.adam_beta2, eps=t.adam_eps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm
+    frozen = parallel.replicate(
+        Frozen(
+            vae=sd.params["vae"],
+            goal_embeds=prompt_embeds,
+            uncond=uncond,
+            base=sd.params["unet"] if t.trainable == "lora" else None,
+            pretrained=sd.params["unet"] if algorithm.needs_pretrained else None,
         ),
+        mesh,
+    )
+    trainable_params = trainable.init(sd.params["unet"], jax.random.PRNGKey(cfg.seed + 2))
+    optimizer = trainable.optimizer(
+        make_optimizer(t.learning_rate, b1=t.adam_beta1, b2=t.adam_beta2, eps=t.adam_eps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm),
         trainable_params,
     )
-    steps: dict[str, Callable[..., Any]] = {}
-    value = None
-    if name == "dpok":
-        network = dpok.ValueNetwork(cfg.dpok.value_hidden)
-        value_optimizer = optax.adam(cfg.dpok.value_learning_rate)
-        value_params = dpok.init_value(network, jax.random.PRNGKey(cfg.seed + 1), policy.latent_shape, frozen["prompt_embeds"].shape[1:])
-        value = {"params": value_params, "opt_state": value_optimizer.init(value_params)}
-        loss_fn = dpok.make_loss(policy, network, reward_weight=cfg.dpok.reward_weight, kl_weight=cfg.dpok.kl_weight, clip_range=cfg.dpok.clip_range)
-        steps["value_update"] = jax.jit(functools.partial(dpok.value_update, network, value_optimizer))
-    else:
-        loss_fn = ddpo.make_loss(policy, estimator=t.estimator, clip_range=t.clip_range, adv_clip=t.adv_clip)
+    state = init_state(cfg, trainable_params, optimizer, algorithm, len(goals), mesh)
+
     sizes = dict(
         num_inner_epochs=t.num_inner_epochs,
         minibatch_size=t.batch_size,
         num_train_timesteps=max(1, int(cfg.sample.num_steps * t.timestep_fraction)),
         mesh=mesh,
     )
-    if update_loop(t.update_loop) == "host":
-        steps["update"] = HostLoopUpdate(trainable.wrap_loss(loss_fn), optimizer, **sizes)
+    loss = trainable.wrap_loss(algorithm.loss)
+    if algorithm.update is not None:
+        update = algorithm.update
+    elif update_loop(t.update_loop) == "host":
+        update = HostLoopUpdate(loss, optimizer, **sizes)
     else:
-        steps["update"] = jax.jit(
-            functools.partial(train_on_batch, trainable.wrap_loss(loss_fn), optimizer, **sizes),
+        update = jax.jit(
+            functools.partial(train_on_batch, loss, optimizer, **sizes),
             in_shardings=(replicated, replicated, replicated, sharded, replicated, replicated),
             out_shardings=replicated,
             donate_argnums=(0, 1),
         )
-    steps["update_stats"] = jax.jit(stats.update, out_shardings=replicated)
-    steps["advantages"] = jax.jit(
-        functools.partial(stats.advantages, min_count=t.stats_min_count, per_prompt=t.per_prompt_stats), out_shardings=sharded
+    algorithm_shardings = algorithm.shardings(state.algorithm, mesh)
+    steps = Steps(
+        rollout=make_rollout(policy, mesh),
+        unet_params=jax.jit(trainable.unet_params),
+        queries=jax.jit(algorithm.queries),
+        prepare=jax.jit(
+            algorithm.prepare,
+            out_shardings=(sharded, algorithm_shardings, replicated, replicated),
+            donate_argnums=(0,),
+        ),
+        update=update,
+        finish=jax.jit(algorithm.finish, out_shardings=algorithm_shardings, donate_argnums=(0,)),
     )
-
-    samples = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
-    item = jax.eval_shape(
-        lambda: herd.trajectory_item(
-            jnp.zeros((samples, cfg.sample.num_steps + 1, *policy.latent_shape)),
-            jnp.zeros((samples, cfg.sample.num_steps)),
-            jnp.zeros((samples,), jnp.int32),
-            frozen["prompt_embeds"][jnp.zeros((samples,), jnp.int32)],
-            jnp.zeros((samples,)),
-        )
-    )
-    item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), item)
-    steps["unet_params"] = jax.jit(trainable.unet_params)
-    state = init_state(cfg, trainable_params, optimizer, len(goals), item, value)
-    state = jax.device_put(state, state_shardings(state, mesh))
-    if name == "herd":
-        buffer_sharding = replay.shardings(state.buffer, mesh)
-        steps["herd_replay"] = jax.jit(
-            functools.partial(
-                herd.replay_step,
-                policy,
-                copies=cfg.herd.copies,
-                keep_epochs=cfg.herd.keep_epochs,
-                num_replay=num_replayed(cfg),
-                recompute=cfg.herd.correction == "recompute",
-            ),
-            out_shardings=(buffer_sharding, replicated, replicated),
-        )
-    if name in ("herd", "dpok"):
-        steps["store_fresh"] = jax.jit(herd.store_fresh, out_shardings=replay.shardings(state.buffer, mesh))
-        steps["sample_buffer"] = jax.jit(replay.sample, static_argnums=2)
-
+    e = cfg.eval
+    eval_prompts = load_prompts(e.prompts)[: e.num_prompts] if e.prompts else prompts[: e.num_prompts]
     run_dir = pathlib.Path(cfg.run_dir)
     setup = Setup(
         cfg=cfg,
         prompts=prompts,
         goals=goals,
-        sentence_ids=sentence_ids,
         mesh=mesh,
         policy=policy,
         trainable=trainable,
+        algorithm=algorithm,
         frozen=frozen,
-        rollout=make_rollout(policy, mesh),
         steps=steps,
         reward=make_reward(cfg.reward),
         logger=make_logger(
             cfg.logging.log_with, run_dir, config=config_lib.to_dict(cfg), run_name=run_dir.name, is_main_process=parallel.is_main_process()
         ),
+        eval_prompts=(eval_prompts, encode_prompts(sd, eval_prompts, cfg.sample.negative_prompt)[0]),
     )
     return setup, state
+
+
+def init_state(cfg: config_lib.Config, params: Params, optimizer: optax.GradientTransformation, algorithm: Algorithm,
+               num_goals: int, mesh: jax.sharding.Mesh) -> TrainState:
+    """The initial TrainState, built as big_vision does: eval_shape → shardings → jit(out_shardings)."""
+
+    def make(params: Params) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=jax.random.PRNGKey(cfg.seed),
+            stats=stats.init(num_goals, cfg.train.stats_window),
+            reward_queries=jnp.zeros((), jnp.int32),
+            algorithm=algorithm.init(),
+        )
+
+    abstract = jax.eval_shape(make, params)
+    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract).replace(algorithm=algorithm.shardings(abstract.algorithm, mesh))
+    return jax.jit(make, out_shardings=shardings)(parallel.replicate(params, mesh))
 
 
 def score(setup: Setup, images: np.ndarray, goal_ids: Sequence[int]) -> np.ndarray:
@@ -337,37 +249,48 @@ def score_split(setup: Setup, images: np.ndarray, goal_ids: Sequence[int]) -> np
     return scores[: len(scores) - pad]
 
 
-def collect_rollouts(setup: Setup, unet_params: Params, key: jax.Array) -> tuple[Trajectory, np.ndarray, np.ndarray, np.ndarray]:
+def collect_rollouts(setup: Setup, unet_params: Params, prompt_ids: np.ndarray, key: jax.Array) -> tuple[Trajectory, np.ndarray, np.ndarray]:
     """Samples the epoch's batches; scoring batch i (in a worker thread) overlaps sampling batch i+1.
 
-    Each process scores its own rows of each batch; collectives (gathers) stay on this thread.
+    `prompt_ids` int32[N] (host) are the epoch's prompts, `sample.batch_size` per batch. Each
+    process scores its own rows of each batch; collectives (gathers) stay on this thread.
     Returns:
-      (trajectories concatenated over batches, images uint8[N, H, W, 3], prompt ids int32[N],
-      rewards f32[N]; all but the trajectories on the host, identical on every process).
+      (trajectories concatenated over batches, images uint8[N, H, W, 3], rewards f32[N]; the
+      last two on the host, identical on every process).
     """
-    cfg = setup.cfg.sample
-    trajectories, images, prompt_ids, futures = [], [], [], []
-    rows = parallel.process_rows(cfg.batch_size)
+    size = setup.cfg.sample.batch_size
+    trajectories, images, futures = [], [], []
+    rows = parallel.process_rows(size)
+
+    def score_batch(i: int) -> None:  # gathers batch i's images; its scoring goes to the worker
+        images.append(parallel.gather_to_host(trajectories[i].images))
+        futures.append(pool.submit(score, setup, images[i][rows], prompt_ids[i * size : (i + 1) * size][rows]))
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        for i in range(cfg.num_batches_per_epoch):
-            prompt_key, sample_key = jax.random.split(jax.random.fold_in(key, i))
-            ids = np.asarray(jax.random.randint(prompt_key, (cfg.batch_size,), 0, len(setup.prompts)), np.int32)
-            trajectory = setup.rollout(unet_params, setup.frozen, parallel.shard_batch(ids, setup.mesh), sample_key)
-            if i > 0:  # gather batch i-1's images while batch i samples
-                images.append(parallel.gather_to_host(trajectories[-1].images))
-                futures.append(pool.submit(score, setup, images[-1][rows], prompt_ids[-1][rows]))
-            trajectories.append(trajectory)
-            prompt_ids.append(ids)
-        images.append(parallel.gather_to_host(trajectories[-1].images))
-        futures.append(pool.submit(score, setup, images[-1][rows], prompt_ids[-1][rows]))
+        for i in range(len(prompt_ids) // size):
+            ids = parallel.shard_batch(prompt_ids[i * size : (i + 1) * size], setup.mesh)
+            trajectories.append(setup.steps.rollout(unet_params, setup.frozen, ids, jax.random.fold_in(key, i)))
+            if i > 0:  # batch i-1's images while batch i samples
+                score_batch(i - 1)
+        score_batch(len(trajectories) - 1)
         rewards = np.concatenate([parallel.gather_rows(f.result()) for f in futures]).astype(np.float32)
     trajectories = jax.tree.map(lambda *xs: jnp.concatenate(xs), *trajectories)
-    return trajectories, np.concatenate(images), np.concatenate(prompt_ids), rewards
+    return trajectories, np.concatenate(images), rewards
+
+
+def ask_rewards(setup: Setup, images: np.ndarray, queries: Queries) -> tuple[jax.Array, int]:
+    """The algorithm's extra reward queries scored (valid rows only): (answers f32[M], queries made)."""
+    row, goal, valid = (np.asarray(x) for x in jax.device_get(queries))
+    answers = np.zeros(row.shape, np.float32)
+    asked = np.flatnonzero(valid)
+    if asked.size:
+        answers[asked] = score_split(setup, images[row[asked]], goal[asked])
+    return jnp.asarray(answers), int(asked.size)
 
 
 def epoch_metrics(prompts: list[str], prompt_ids: np.ndarray, rewards: np.ndarray, info: dict[str, Any]) -> dict[str, float]:
     metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std())}
-    metrics.update({f"train/{k}": float(v) for k, v in info.items()})
+    metrics.update({k if "/" in k else f"train/{k}": float(v) for k, v in info.items()})
     for pid in np.unique(prompt_ids):
         metrics[f"reward/prompt/{prompts[pid]}"] = float(rewards[prompt_ids == pid].mean())
     return metrics
@@ -381,134 +304,40 @@ class EpochSamples(NamedTuple):
     rewards: np.ndarray  # f32[N]
 
 
-def host_rng(key: jax.Array) -> np.random.Generator:
-    """A NumPy generator seeded from a JAX key, for host-side choices that must repeat on resume."""
-    return np.random.default_rng(np.asarray(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key))
-
-
-class UpdateBatch(NamedTuple):
-    """What the update trains on: replay items (herd.trajectory_item layout) with a validity mask."""
-
-    items: dict[str, jax.Array]  # latents, log_probs, prompt_id, prompt_embeds, reward; leading axis N
-    valid: jax.Array  # bool[N]  False rows (an empty replay) get zero advantage
-    buffer: replay.ReplayBuffer | None
-    stats: stats.PromptStats
-    queries: int  # reward queries spent building it (relabeling)
-    metrics: dict[str, float]
-
-
-def herd_batch(setup: Setup, state: TrainState, fresh: dict, prompt_stats: stats.PromptStats, unet_params: Params,
-               images: np.ndarray, prompt_ids: np.ndarray, key: jax.Array) -> UpdateBatch:
-    """Relabels the fresh trajectories (real reward queries), stores the copies, and appends a replay draw."""
-    h, steps = setup.cfg.herd, setup.steps
-    goal_key, replay_key = jax.random.split(key)
-    goal_ids, goal_rewards, goal_valid, queries = herd.choose_goals(
-        host_rng(goal_key), prompt_ids, images,
-        strategy=h.goal_strategy, copies=h.copies, num_prompts=len(setup.prompts),
-        sentence_ids=setup.sentence_ids, best_candidates=h.best_candidates,
-        score=lambda images, goals: score_split(setup, images, goals),
-    )
-    goal_ids, goal_rewards, goal_valid = jnp.asarray(goal_ids), jnp.asarray(goal_rewards), jnp.asarray(goal_valid)
-    buffer, replayed, replayed_valid = steps["herd_replay"](
-        state.buffer, unet_params, setup.frozen["uncond"], fresh, goal_ids, setup.frozen["prompt_embeds"][goal_ids],
-        goal_rewards, goal_valid, state.step, replay_key,
-    )
-    prompt_stats = steps["update_stats"](prompt_stats, goal_ids, goal_rewards, goal_valid)
-    metrics = {
-        "herd/relabeled_reward": float(goal_rewards[goal_valid].mean()) if bool(goal_valid.any()) else float("nan"),
-        "herd/replayed_valid": float(np.asarray(replayed_valid).mean()),
-    }
-    items = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), fresh, replayed)
-    valid = jnp.concatenate([jnp.ones(len(prompt_ids), bool), replayed_valid])
-    return UpdateBatch(items, valid, buffer, prompt_stats, queries, metrics)
-
-
-def dpok_batch(setup: Setup, state: TrainState, fresh: dict, prompt_stats: stats.PromptStats, key: jax.Array) -> UpdateBatch:
-    """Pushes the fresh trajectories into the FIFO and draws the update batch from it."""
-    buffer = setup.steps["store_fresh"](state.buffer, fresh, state.step)
-    items, info = setup.steps["sample_buffer"](buffer, key, fresh["reward"].shape[0])
-    return UpdateBatch(items, info["valid"], buffer, prompt_stats, 0, {})
-
-
-def value_targets(setup: Setup, prompt_stats: stats.PromptStats, items: dict[str, jax.Array], valid: jax.Array) -> jax.Array:
-    """dpok: what V(x_t, c, t) is fitted to and A = target − V: the per-prompt normalised reward
-    (`dpok.normalize_rewards`, so the baseline works on any reward scale) or the raw reward."""
-    if setup.cfg.dpok.normalize_rewards:
-        return setup.steps["advantages"](prompt_stats, items["prompt_id"], items["reward"], valid=valid)
-    return items["reward"]
-
-
-def update_value(setup: Setup, value: dict[str, Any], batch: UpdateBatch, targets: jax.Array, key: jax.Array) -> tuple[dict[str, Any], float]:
-    """dpok: `dpok.value_steps` MSE steps of the value network, the first on the update batch, the
-    others on fresh draws from the FIFO. Returns the new value state and the first step's MSE
-    (the baseline's error on this epoch's update batch, before fitting to it)."""
-    steps, params, opt_state = setup.steps, value["params"], value["opt_state"]
-    items, valid, losses = batch.items, batch.valid, []
-    for i in range(setup.cfg.dpok.value_steps):
-        if i:
-            items, info = steps["sample_buffer"](batch.buffer, jax.random.fold_in(key, i), batch.valid.shape[0])
-            valid = info["valid"]
-            targets = value_targets(setup, batch.stats, items, valid)
-        params, opt_state, loss = steps["value_update"](
-            params, opt_state, items["latents"], items["prompt_embeds"], targets, setup.policy.schedule.timesteps, valid.astype(jnp.float32)
-        )
-        losses.append(loss)
-    return {"params": params, "opt_state": opt_state}, float(losses[0])
-
-
 def run_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, float], EpochSamples]:
-    """One epoch: sample, score, (relabel / replay), normalise, update. Returns the new state and metrics."""
-    cfg, name, steps = setup.cfg, setup.cfg.algorithm.name, setup.steps
+    """One epoch: sample, score, prepare (the algorithm), update, finish. Returns the new state and metrics.
+
+    The host↔device boundary: prompt ids come to the host once (they name the texts the reward
+    scores), images and rewards once per sampling batch (`collect_rollouts`), the algorithm's
+    queries and their answers once, and the epoch's metrics once at the end.
+    """
+    alg, steps, frozen = setup.algorithm, setup.steps, setup.frozen
     key = jax.random.fold_in(state.rng, state.step)
-    sample_key, train_key, algo_key, replay_key = jax.random.split(key, 4)
-    extra: dict[str, float] = {}
+    prompt_key, behaviour_key, sample_key, query_key, prepare_key, train_key = jax.random.split(key, 6)
 
-    unet_params = steps["unet_params"](state.params, setup.frozen.get("base"))
-    behaviour = unet_params
-    if name == "ddpg":
-        pretrained = ddpg.sample_from_pretrained(algo_key, cfg.ddpg.epsilon)
-        behaviour = setup.frozen["pretrained"] if pretrained else unet_params
-        extra["rollout/from_pretrained"] = float(pretrained)
-    trajectories, images, prompt_ids, rewards = collect_rollouts(setup, behaviour, sample_key)
+    unet_params = steps.unet_params(state.params, frozen.base)
+    sampler, behaviour_metrics = alg.behaviour(behaviour_key, unet_params, frozen.pretrained)
+    prompt_ids = np.asarray(alg.prompts(prompt_key, setup.cfg.sample.batch_size * setup.cfg.sample.num_batches_per_epoch), np.int32)
+    trajectories, images, rewards = collect_rollouts(setup, sampler, prompt_ids, sample_key)
 
-    ids = parallel.shard_batch(prompt_ids, setup.mesh)
-    rewards_dev = parallel.shard_batch(rewards, setup.mesh)
-    fresh = herd.trajectory_item(trajectories.latents, trajectories.log_probs, ids, setup.frozen["prompt_embeds"][ids], rewards_dev)
-    prompt_stats = steps["update_stats"](state.stats, ids, rewards_dev)
-    if name == "herd":
-        batch = herd_batch(setup, state, fresh, prompt_stats, unet_params, images, prompt_ids, jax.random.fold_in(algo_key, 1))
-    elif name == "dpok":
-        batch = dpok_batch(setup, state, fresh, prompt_stats, replay_key)
-    else:
-        batch = UpdateBatch(fresh, jnp.ones(len(rewards), bool), state.buffer, prompt_stats, 0, {})
-    extra.update(batch.metrics)
-
-    items = jax.device_put(batch.items, parallel.batch_sharded(setup.mesh))
-    valid = jax.device_put(batch.valid, parallel.batch_sharded(setup.mesh))
-    advantages = steps["advantages"](batch.stats, items["prompt_id"], items["reward"], valid=valid) * valid
-    value, aux = state.value, {"uncond": setup.frozen["uncond"], "base": setup.frozen.get("base")}
-    rewards_or_targets = items["reward"]
-    if name == "dpok":
-        rewards_or_targets = value_targets(setup, batch.stats, items, valid)
-        value, extra["train/value_loss"] = update_value(setup, value, batch, rewards_or_targets, jax.random.fold_in(replay_key, 1))
-        aux.update(pretrained=setup.frozen["pretrained"], value=value["params"])
-    train_batch = TrainBatch(
-        latents=items["latents"], log_probs=items["log_probs"], cond=items["prompt_embeds"], advantages=advantages, rewards=rewards_or_targets,
-        weights=valid.astype(jnp.float32),
+    goal = parallel.shard_batch(prompt_ids, setup.mesh)
+    fresh = Experience(trajectories.latents, trajectories.log_probs, goal, frozen.goal_embeds[goal], parallel.shard_batch(rewards, setup.mesh))
+    queries = steps.queries(state.algorithm, goal, query_key)
+    answers, asked = ask_rewards(setup, images, queries)
+    batch, algorithm_state, prompt_stats, prepare_info = steps.prepare(
+        state.algorithm, state.stats, fresh, queries, answers, unet_params, frozen, state.step, prepare_key
     )
-    params, opt_state, info = steps["update"](state.params, state.opt_state, aux, train_batch, setup.policy.schedule.timesteps, train_key)
-    buffer = steps["store_fresh"](batch.buffer, fresh, state.step) if name == "herd" else batch.buffer
+    params, opt_state, update_info = steps.update(state.params, state.opt_state, frozen, batch, setup.policy.schedule.timesteps, train_key)
     state = state.replace(
         step=state.step + 1,
         params=params,
         opt_state=opt_state,
-        stats=batch.stats,
-        reward_queries=state.reward_queries + len(rewards) + batch.queries,
-        buffer=buffer,
-        value=value,
+        stats=prompt_stats,
+        reward_queries=state.reward_queries + len(rewards) + asked,
+        algorithm=steps.finish(algorithm_state, fresh, state.step),
     )
-    metrics = epoch_metrics(setup.prompts, prompt_ids, rewards, jax.device_get(info))
-    metrics.update(extra, **{"reward/queries": float(state.reward_queries)})
+    metrics = epoch_metrics(setup.prompts, prompt_ids, rewards, jax.device_get({**update_info, **prepare_info}))
+    metrics.update(behaviour_metrics, **{"reward/queries": float(state.reward_queries)})
     return state, metrics, EpochSamples(images, prompt_ids, rewards)
 
 
@@ -546,23 +375,27 @@ def train_and_evaluate(
 
 
 def _train(cfg: config_lib.Config, progress: bool, resume: Any, stop: Any) -> list[dict[str, float]]:
-    from herd_jax import errors
+    from herd_jax import errors, report
 
+    started = time.perf_counter()
     setup, state = build(cfg)
-    history = []
-    samples_per_epoch = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
-    manager = None
+    run_dir, main_process = pathlib.Path(cfg.run_dir), parallel.is_main_process()
+    say = print if progress and main_process else (lambda *a, **k: None)
+    history, manager = [], None
+    curve = report.RewardCurve(run_dir / "reward.png")
     try:
         if resume is not None:
             state = checkpoint.resume(resume, state, cfg)
+        start_epoch = int(state.step)
+        say(report.header(cfg, num_params=sum(x.size for x in jax.tree.leaves(state.params)), devices=jax.devices(), run_dir=run_dir), flush=True)
         manager = checkpoint.make_manager(cfg)
         checkpoint.write_run_files(cfg, setup.prompts)
-        bar = tqdm.trange(int(state.step), cfg.num_epochs, desc="epochs", unit="epoch", disable=not progress or not parallel.is_main_process(), dynamic_ncols=True)
+        evaluator = Evaluator(setup) if cfg.eval.every else None
+        if evaluator is not None:
+            evaluator.run(state, curve, start_epoch)
+        bar = tqdm.trange(start_epoch, cfg.num_epochs, desc="epochs", unit="epoch", disable=not progress or not main_process, dynamic_ncols=True)
         for epoch in bar:
-            start = time.perf_counter()
-            state, metrics, samples = run_epoch(setup, state)
-            elapsed = time.perf_counter() - start
-            metrics.update({"perf/epoch_s": elapsed, "perf/samples_per_s": samples_per_epoch / elapsed, "train/learning_rate": cfg.train.learning_rate})
+            state, metrics, samples = timed_epoch(setup, state)
             if not np.isfinite(metrics["train/loss"]):
                 checkpoint.close(manager)  # commit the pending save before saying what is intact
                 manager = None
@@ -571,10 +404,15 @@ def _train(cfg: config_lib.Config, progress: bool, resume: Any, stop: Any) -> li
             checkpoint.save(manager, state, cfg, setup.prompts)
             metrics["perf/checkpoint_s"] = time.perf_counter() - save_start  # time the loop waited for the save
             setup.logger.log(metrics, step=epoch)
+            history.append(metrics)
+            # Off the hot path: after the epoch's log call.
             if cfg.logging.image_every and epoch % cfg.logging.image_every == 0:
                 log_image_grid(setup, samples, epoch)
-            history.append(metrics)
-            if parallel.is_main_process():
+            curve.add_epoch(epoch, metrics)
+            if evaluator is not None and (epoch + 1 == cfg.num_epochs or (epoch + 1) % cfg.eval.every == 0):
+                evaluator.run(state, curve, epoch + 1)
+            if main_process:
+                curve.write()
                 bar.write(summary_line(epoch, metrics))
             if epoch + 1 < cfg.num_epochs and stop.requested():
                 checkpoint.save(manager, state, cfg, setup.prompts, force=True)
@@ -584,6 +422,11 @@ def _train(cfg: config_lib.Config, progress: bool, resume: Any, stop: Any) -> li
                 if cfg.checkpoint.save_every:
                     saved = f"{_intact(cfg)}; continue with: python train.py --run_dir {cfg.run_dir} --resume"
                 raise errors.Stopped(f"stopped by {stop.signal_name or 'another process'} after epoch {epoch}: {saved}")
+        checkpoint.close(manager)
+        manager = None
+        last = checkpoint.committed_steps(run_dir.resolve() / checkpoint.CHECKPOINTS)
+        say(report.closing(history, curve, run_dir=run_dir, last_checkpoint=run_dir / checkpoint.CHECKPOINTS / str(last[0]) if last else None,
+                           wall_s=time.perf_counter() - started, start_epoch=start_epoch), flush=True)
     except OSError as error:  # writing the run directory: one line that says what is intact
         if isinstance(error, errors.StorageError):
             raise
@@ -593,6 +436,47 @@ def _train(cfg: config_lib.Config, progress: bool, resume: Any, stop: Any) -> li
         setup.logger.close()
         setup.reward.close()
     return history
+
+
+def timed_epoch(setup: Setup, state: TrainState) -> tuple[TrainState, dict[str, float], EpochSamples]:
+    """`run_epoch` plus its perf/ metrics."""
+    start = time.perf_counter()
+    state, metrics, samples = run_epoch(setup, state)
+    elapsed = time.perf_counter() - start
+    samples_per_epoch = setup.cfg.sample.batch_size * setup.cfg.sample.num_batches_per_epoch
+    metrics.update({"perf/epoch_s": elapsed, "perf/samples_per_s": samples_per_epoch / elapsed, "train/learning_rate": setup.cfg.train.learning_rate})
+    return state, metrics, samples
+
+
+class Evaluator:
+    """Fixed prompts × fixed seeds rendered with the current policy (each seed the same noise every
+    time, so evaluations differ only by the policy), scored, logged as eval/, drawn as a grid."""
+
+    def __init__(self, setup: Setup):
+        from herd_jax.evaluate import make_render
+
+        self.setup = setup
+        self.prompts, embeds = setup.eval_prompts
+        self.frozen = {"vae": setup.frozen.vae, "prompt_embeds": embeds, "uncond": setup.frozen.uncond}
+        self.seeds = list(range(setup.cfg.eval.seeds))
+        self.render = make_render(setup.policy)
+
+    def run(self, state: TrainState, curve: Any, epochs_done: int) -> None:
+        from herd_jax import report
+        from herd_jax.evaluate import Model, evaluate_model
+
+        setup = self.setup
+        params = setup.steps.unet_params(state.params, setup.frozen.base)
+        result = evaluate_model(Model("eval", params, epochs_done, None), self.render, setup.reward, self.frozen, self.prompts, self.seeds, setup.cfg.sample.batch_size)
+        mean = float(result.scores.mean())
+        metrics = {"eval/reward": mean, **{f"eval/prompt/{p}": float(row.mean()) for p, row in zip(self.prompts, result.scores)}}
+        setup.logger.log(metrics, step=epochs_done)
+        captions = [f"{p} | {r:.3f}" for p, row in zip(self.prompts, result.scores) for r in row]
+        setup.logger.log_images("eval/images", result.images.reshape(-1, *result.images.shape[2:]), captions, step=epochs_done)
+        curve.add_eval(epochs_done, float(jax.device_get(state.reward_queries)), mean)
+        if parallel.is_main_process():
+            path = report.grid_path(pathlib.Path(setup.cfg.run_dir), epochs_done)
+            report.sample_grid(result.images, self.prompts, result.scores, path, f"after {epochs_done} epochs: eval reward {mean:.4f}")
 
 
 def _intact(cfg: config_lib.Config) -> str:
@@ -608,7 +492,9 @@ def log_image_grid(setup: Setup, samples: EpochSamples, epoch: int, max_images: 
 
 
 def summary_line(epoch: int, m: dict[str, float]) -> str:
+    """One line per epoch; the ratio diagnostics only where the algorithm's loss logs them."""
+    ratio = "".join(f" | {name} {m[f'train/{name}']:{fmt}}" for name, fmt in (("approx_kl", ".2e"), ("clipfrac", ".3f")) if f"train/{name}" in m)
     return (
-        f"epoch {epoch:4d} | reward {m['reward/mean']:+.4f} ± {m['reward/std']:.4f} | loss {m['train/loss']:+.3e} "
-        f"| approx_kl {m['train/approx_kl']:.2e} | clipfrac {m['train/clipfrac']:.3f} | {m['perf/samples_per_s']:.2f} samples/s"
+        f"epoch {epoch:4d} | reward {m['reward/mean']:+.4f} ± {m['reward/std']:.4f} | loss {m['train/loss']:+.3e}"
+        f"{ratio} | {m['perf/samples_per_s']:.2f} samples/s"
     )

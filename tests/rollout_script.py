@@ -10,6 +10,7 @@ import numpy as np
 from herd_jax import parallel
 from herd_jax.diffusion import make_policy
 from herd_jax.models import load_pipeline
+from herd_jax.algorithms.api import Frozen
 from herd_jax.trainer import encode_prompts, make_rollout
 
 PROMPTS = ["a cat", "a dog", "a red fox", "a tiny bird"]
@@ -17,7 +18,8 @@ PROMPTS = ["a cat", "a dog", "a red fox", "a tiny bird"]
 
 def rollout_arrays(sd, policy) -> dict[str, np.ndarray]:
     mesh = parallel.make_mesh()
-    frozen = parallel.replicate({"vae": sd.params["vae"], **encode_prompts(sd, PROMPTS, "")}, mesh)
+    embeds, uncond = encode_prompts(sd, PROMPTS, "")
+    frozen = parallel.replicate(Frozen(vae=sd.params["vae"], goal_embeds=embeds, uncond=uncond, base=None, pretrained=None), mesh)
     rollout = make_rollout(policy, mesh)
     ids = parallel.shard_batch(np.asarray([0, 1, 2, 3, 3, 2, 1, 0], np.int32), mesh)
     traj = rollout(parallel.replicate(sd.params["unet"], mesh), frozen, ids, jax.random.PRNGKey(7))

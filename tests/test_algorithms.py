@@ -6,7 +6,7 @@ import pytest
 
 from herd_jax import replay
 from herd_jax.algorithms import ddpg, dpok, herd
-from herd_jax.train_step import Transition
+from herd_jax.algorithms.api import Frozen, Transition
 
 
 def test_sentences_never_empty_nor_the_prompt():
@@ -29,13 +29,28 @@ def fake_score(images, goal_ids):
     return np.asarray(goal_ids, np.float32) / 10 + images.reshape(len(images), -1).mean(1) / 1000
 
 
+def choose_and_score(key, prompt_ids, images, *, strategy, copies, num_prompts, sentence_ids, best_candidates):
+    """herd's queries, scored by fake_score as the trainer would (valid rows only), then the copies."""
+    width = max([len(i) for i in sentence_ids] + [1])
+    queries = herd.choose_goals(
+        key, jnp.asarray(prompt_ids, jnp.int32), strategy=strategy, copies=copies, num_prompts=num_prompts,
+        sentence_goals=jnp.asarray([i + [0] * (width - len(i)) for i in sentence_ids], jnp.int32),
+        sentence_counts=jnp.asarray([len(i) for i in sentence_ids], jnp.int32), best_candidates=best_candidates,
+    )
+    row, goal, valid = (np.asarray(x) for x in queries)
+    answers = np.zeros(len(row), np.float32)
+    answers[valid] = fake_score(images[row[valid]], goal[valid])
+    goals, rewards, copy_valid = herd.relabeled_copies(queries, jnp.asarray(answers), copies=copies, batch=len(prompt_ids))
+    return np.asarray(goals), np.asarray(rewards), np.asarray(copy_valid), int(valid.sum())
+
+
 @pytest.mark.parametrize("strategy", ["best", "random"])
 def test_choose_goals_other_prompt_and_query_count(strategy):
     rng = np.random.default_rng(0)
     prompt_ids = np.asarray([0, 1, 2, 3], np.int32)
     images = rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
-    goals, rewards, valid, queries = herd.choose_goals(
-        rng, prompt_ids, images, strategy=strategy, copies=2, num_prompts=5, sentence_ids=[[]] * 5, best_candidates=3, score=fake_score
+    goals, rewards, valid, queries = choose_and_score(
+        jax.random.PRNGKey(0), prompt_ids, images, strategy=strategy, copies=2, num_prompts=5, sentence_ids=[[]] * 5, best_candidates=3
     )
     assert goals.shape == rewards.shape == valid.shape == (8,)
     assert valid.all() and (goals != np.tile(prompt_ids, 2)).all()
@@ -44,20 +59,18 @@ def test_choose_goals_other_prompt_and_query_count(strategy):
 
 
 def test_choose_goals_best_picks_highest_scoring_candidate():
-    rng = np.random.default_rng(1)
     images = np.zeros((2, 4, 4, 3), np.uint8)
-    goals, _, _, _ = herd.choose_goals(
-        rng, np.asarray([0, 6]), images, strategy="best", copies=1, num_prompts=7, sentence_ids=[[]] * 7, best_candidates=6, score=fake_score
+    goals, _, _, _ = choose_and_score(
+        jax.random.PRNGKey(1), np.asarray([0, 6]), images, strategy="best", copies=1, num_prompts=7, sentence_ids=[[]] * 7, best_candidates=6
     )
     # All 6 other prompts are candidates; fake_score prefers the largest id.
     assert goals.tolist() == [6, 5]
 
 
 def test_choose_goals_sentence_masks_single_sentence_prompts():
-    rng = np.random.default_rng(2)
     images = np.zeros((3, 4, 4, 3), np.uint8)
-    goals, rewards, valid, queries = herd.choose_goals(
-        rng, np.asarray([0, 1, 0]), images, strategy="sentence", copies=1, num_prompts=2, sentence_ids=[[2, 3], []], best_candidates=1, score=fake_score
+    goals, rewards, valid, queries = choose_and_score(
+        jax.random.PRNGKey(2), np.asarray([0, 1, 0]), images, strategy="sentence", copies=1, num_prompts=2, sentence_ids=[[2, 3], []], best_candidates=1
     )
     assert valid.tolist() == [True, False, True] and queries == 2
     assert set(goals[valid].tolist()) <= {2, 3}
@@ -80,22 +93,34 @@ class _FixedPolicy:
         return log_prob, mean, std
 
 
-def test_dpok_loss_value_baseline_and_kl():
-    network = dpok.ValueNetwork(hidden=8)
-    value_params = dpok.init_value(network, jax.random.PRNGKey(0), (1, 2, 2), (3, 4))
-    value_params = jax.tree.map(jnp.zeros_like, value_params)  # V ≡ 0
-    loss_fn = dpok.make_loss(_FixedPolicy(), network, reward_weight=10.0, kl_weight=0.5, clip_range=0.1)
+def test_dpok_loss_advantage_and_kl():
+    loss_fn = dpok.make_loss(_FixedPolicy(), reward_weight=10.0, kl_weight=0.5, clip_range=0.1)
     x = jnp.zeros((2, 1, 2, 2))
     params = {"mu": jnp.zeros((1, 2, 2))}
-    tr = Transition(x, x, jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32), jnp.zeros(2), jnp.zeros((2, 3, 4)), jnp.zeros(2), jnp.asarray([1.0, 3.0]), jnp.ones(2))
-    aux = {"uncond": None, "pretrained": {"mu": jnp.ones((1, 2, 2))}, "value": value_params}
-    loss, info = loss_fn(params, aux, tr)
-    # ratio 1, A = r - 0: policy part = -10 * mean(r) = -20; KL = 1 / (2 * 0.25) = 2 per dim -> +0.5 * 2.
+    # A = r − V with V ≡ 0 (prepare computes it): the rewards 1 and 3.
+    tr = Transition(x_t=x, x_prev=x, t=jnp.zeros(2, jnp.int32), old_log_prob=jnp.zeros(2), cond=jnp.zeros((2, 3, 4)),
+                    advantages=jnp.asarray([1.0, 3.0]), weights=jnp.ones(2))
+    frozen = Frozen(vae=None, goal_embeds=None, uncond=None, base=None, pretrained={"mu": jnp.ones((1, 2, 2))})
+    loss, info = loss_fn(params, frozen, tr)
+    # ratio 1: policy part = -10 * mean(A) = -20; KL = 1 / (2 * 0.25) = 2 per dim -> +0.5 * 2.
     assert float(loss) == pytest.approx(-20.0 + 1.0, rel=1e-5)
     assert float(info["kl_pretrained"]) == pytest.approx(2.0)
     # The KL gradient pulls mu toward the pretrained mean.
-    grad = jax.grad(lambda p: loss_fn(p, aux, tr)[0])(params)
+    grad = jax.grad(lambda p: loss_fn(p, frozen, tr)[0])(params)
     assert (np.asarray(grad["mu"]) < 0).all()
+
+
+def test_dpok_advantages_are_target_minus_value():
+    """prepare's per-step advantages: r̂ − V(x_t, c, t) with the value net after this epoch's fit."""
+    network = dpok.ValueNetwork(hidden=8)
+    params = dpok.init_value(network, jax.random.PRNGKey(0), (1, 2, 2), (3, 4))
+    params = jax.tree.map(lambda x: x + 0.1, params)  # a non-zero V
+    latents = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 1, 2, 2))
+    cond, timesteps = jnp.zeros((4, 3, 4)), jnp.asarray([501, 1])
+    v = dpok.values(network, params, latents, cond, timesteps)
+    assert v.shape == (4, 2)
+    x_t, t = latents[:, 1], jnp.full((4,), 1)
+    np.testing.assert_allclose(np.asarray(v[:, 1]), np.asarray(network.apply({"params": params}, x_t, cond, t)), rtol=1e-6)
 
 
 def test_dpok_value_update_fits_rewards():
@@ -131,27 +156,38 @@ def test_dpok_value_update_ignores_padding_rows():
 
 def test_herd_recompute_under_the_same_goal_gives_sampling_log_probs(tiny_sd, tiny_policy):
     """Relabeling to the goal it was sampled for and recomputing must return the sampling log-probs."""
+    from herd_jax import config as config_lib
+    from herd_jax import stats
+    from herd_jax.algorithms.api import Context, Experience, Queries
     from herd_jax.trainer import encode_prompts
 
-    embeds = encode_prompts(tiny_sd, ["a cat", "a dog"], "")
+    prompts = ("a cat", "a dog")
+    embeds, uncond = encode_prompts(tiny_sd, prompts, "")
     ids = jnp.asarray([0, 1, 1, 0])
-    cond = embeds["prompt_embeds"][ids]
-    traj = jax.jit(tiny_policy.rollout)(tiny_sd.params["unet"], tiny_sd.params["vae"], cond, embeds["uncond"], jax.random.PRNGKey(3))
-    fresh = herd.trajectory_item(traj.latents, traj.log_probs, ids, cond, jnp.zeros(4))
-    item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), fresh)
-    buffer = replay.init(item, 8)
-    step = jax.jit(lambda buf, goals, goal_embeds, key: herd.replay_step(
-        tiny_policy, buf, tiny_sd.params["unet"], embeds["uncond"], fresh, goals, goal_embeds, jnp.ones(4), jnp.ones(4, bool),
-        jnp.int32(0), key, copies=1, keep_epochs=1, num_replay=4, recompute=True))
-    buffer, replayed, valid = step(buffer, ids, cond, jax.random.PRNGKey(0))
-    assert bool(valid.all())
+    traj = jax.jit(tiny_policy.rollout)(tiny_sd.params["unet"], tiny_sd.params["vae"], embeds[ids], uncond, jax.random.PRNGKey(3))
+    fresh = Experience(traj.latents, traj.log_probs, ids, embeds[ids], jnp.zeros(4))
+    cfg = config_lib.load_config([], ["sample.batch_size=4", "sample.num_batches_per_epoch=1", "herd.copies=1", "herd.capacity=8", "herd.correction='recompute'"])
+    item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+    alg = herd.make(Context(cfg, tiny_policy, prompts, 4, item))
+    frozen = Frozen(vae=None, goal_embeds=embeds, uncond=uncond, base=None, pretrained=None)
+
+    @jax.jit
+    def prepare(goals, key):
+        queries = Queries(jnp.arange(4, dtype=jnp.int32), goals, jnp.ones(4, bool))
+        return alg.prepare(alg.init(), stats.init(2, 4), fresh, queries, jnp.ones(4), tiny_sd.params["unet"], frozen, jnp.int32(0), key)
+
+    batch, buffer, _, _ = prepare(ids, jax.random.PRNGKey(0))
+    assert int(replay.size(buffer)) == 4 and bool(batch.weights.all())
+    replayed = jax.tree.map(lambda x: x[4:], batch)  # fresh rows first, then the 4 replayed copies
     # sample() returns the 4 items in random order: match them by their (unique, random) x_T.
-    match = lambda items: np.argsort(np.asarray(items["latents"][:, 0, 0, 0, 0]))
-    same = np.asarray(replayed["log_probs"])[match(replayed)]
-    expected = np.asarray(traj.log_probs)[match(fresh)]
+    match = lambda latents: np.argsort(np.asarray(latents[:, 0, 0, 0, 0]))
+    same = np.asarray(replayed.log_probs)[match(replayed.latents)]
+    expected = np.asarray(traj.log_probs)[match(fresh.latents)]
     np.testing.assert_allclose(same, expected, atol=1e-4)
     # Under another goal the recomputed log-probs are those of the copy under c', not the originals.
     other = jnp.asarray([1, 0, 0, 1])
-    _, relabeled, _ = step(replay.init(item, 8), other, embeds["prompt_embeds"][other], jax.random.PRNGKey(0))
-    assert np.asarray(relabeled["prompt_id"])[match(relabeled)].tolist() == np.asarray(other)[match(fresh)].tolist()
-    assert np.abs(np.asarray(relabeled["log_probs"])[match(relabeled)] - expected).max() > 1e-3
+    relabeled, _, _, _ = prepare(other, jax.random.PRNGKey(0))
+    relabeled = jax.tree.map(lambda x: x[4:], relabeled)
+    cond_goal = np.asarray(jnp.argmin(jnp.abs(relabeled.cond[:, None] - embeds[None]).sum((2, 3)), axis=1))
+    assert cond_goal[match(relabeled.latents)].tolist() == np.asarray(other)[match(fresh.latents)].tolist()
+    assert np.abs(np.asarray(relabeled.log_probs)[match(relabeled.latents)] - expected).max() > 1e-3

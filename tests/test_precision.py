@@ -16,9 +16,9 @@ def rollouts(tiny_sd, tiny_policy):
     out = {}
     for name, sd in [("fp32", tiny_sd), ("bf16", bf16)]:
         policy = make_policy(sd, num_steps=4, eta=1.0, guidance_scale=5.0)
-        embeds = encode_prompts(tiny_sd, ["a cat", "a dog"], "")
-        cond = embeds["prompt_embeds"][jnp.asarray([0, 1, 0, 1])]
-        out[name] = jax.jit(policy.rollout)(sd.params["unet"], sd.params["vae"], cond, embeds["uncond"], jax.random.PRNGKey(0))
+        prompt_embeds, uncond = encode_prompts(tiny_sd, ["a cat", "a dog"], "")
+        cond = prompt_embeds[jnp.asarray([0, 1, 0, 1])]
+        out[name] = jax.jit(policy.rollout)(sd.params["unet"], sd.params["vae"], cond, uncond, jax.random.PRNGKey(0))
     return out
 
 

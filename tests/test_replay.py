@@ -27,8 +27,6 @@ CAP = 8  # buffer capacity
 B = 3  # usual add batch size
 BIG = 11  # an add batch larger than the capacity
 N = 6  # sample size (< CAP)
-FRESH = 4  # fresh batch size in sample_mixed
-FRESH_UID = 1000  # fresh items' uids start here, buffer items' are below
 SETTINGS = settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -77,8 +75,6 @@ def fns():
         add=jax.jit(replay.add),
         expire=jax.jit(replay.expire),
         sample=jax.jit(replay.sample, static_argnums=2),
-        sample_mixed=jax.jit(replay.sample_mixed, static_argnums=3),
-        relabel=jax.jit(replay.relabel),
     )
 
 
@@ -231,110 +227,20 @@ def test_sample_is_uniform(full_buffer):
     np.testing.assert_allclose(firsts, 0.25, atol=0.025)
 
 
-def fresh_batch():
-    return make_items(np.arange(FRESH_UID, FRESH_UID + FRESH))
-
-
-def check_mixed(buf, batch, info, n_replay):
-    from_buffer = np.asarray(info["from_buffer"])
-    uid = np.asarray(batch["uid"])
-    np.testing.assert_array_equal(from_buffer, np.arange(N) < n_replay)
-    np.testing.assert_array_equal(uid < FRESH_UID, from_buffer)
-    index = np.asarray(info["index"])
-    assert np.asarray(buf.valid)[index[from_buffer]].all()
-    assert_trees_equal(take(batch, from_buffer), take(buf.items, index[from_buffer]))
-    assert_trees_equal(take(batch, ~from_buffer), take(fresh_batch(), index[~from_buffer]))
-    np.testing.assert_array_equal(info["relabeled"], from_buffer & np.asarray(buf.relabeled)[index])
-    fresh_uids = uid[~from_buffer]
-    assert len(set(fresh_uids.tolist())) == min(len(fresh_uids), FRESH)
-
-
-@SETTINGS
-@given(fraction=st.floats(0.0, 1.0), valid=st.lists(st.booleans(), min_size=CAP, max_size=CAP),
-       seed=st.integers(0, 2**31 - 1))
-def test_sample_mixed_respects_the_ratio_traced(fns, full_buffer, fraction, valid, seed):
-    assume(any(valid))
-    assume(abs(N * fraction % 1 - 0.5) > 1e-5)  # traced fractions round in float32
-    buf = full_buffer._replace(valid=np.asarray(valid))
-    batch, info = fns.sample_mixed(buf, fresh_batch(), jax.random.key(seed), N,
-                                   replay_fraction=np.float32(fraction))
-    check_mixed(buf, batch, info, round(N * fraction))
-
-
-@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75, 1.0])
-def test_sample_mixed_static_fraction_rounds_like_python(full_buffer, fraction):
-    batch, info = replay.sample_mixed(full_buffer, fresh_batch(), jax.random.key(1), N,
-                                      replay_fraction=fraction)
-    check_mixed(full_buffer, batch, info, round(N * fraction))  # 1.5 -> 2, 4.5 -> 4
-
-
-def test_sample_mixed_with_empty_buffer_uses_fresh_items(fns):
-    batch, info = fns.sample_mixed(fns.init(), fresh_batch(), jax.random.key(3), N,
-                                   replay_fraction=np.float32(0.5))
-    assert not np.asarray(info["from_buffer"]).any()
-    uid = np.asarray(batch["uid"])
-    assert (uid >= FRESH_UID).all() and len(set(uid.tolist())) == FRESH
-
-
-def test_sample_mixed_rejects_bad_fraction(full_buffer):
-    with pytest.raises(ValueError, match="replay_fraction"):
-        replay.sample_mixed(full_buffer, fresh_batch(), jax.random.key(0), N, replay_fraction=1.5)
-
-
-@SETTINGS
-@given(seed=st.integers(0, 2**31 - 1), with_log_probs=st.booleans())
-def test_relabel_changes_only_the_goal_fields(fns, seed, with_log_probs):
-    items = jax.tree.map(jnp.asarray, make_items([3, 4, 5]))
-    rng = np.random.default_rng(seed)
-    new = {
-        "prompt_id": rng.integers(0, 100, 3).astype(np.int32),
-        "prompt_embeds": rng.normal(size=(3, 4, 5)).astype(np.float32),
-        "reward": rng.normal(size=3).astype(np.float32),
-    }
-    if with_log_probs:
-        new["log_probs"] = rng.normal(size=(3, 3)).astype(np.float32)
-    out = fns.relabel(items, **new)
-    assert jax.tree.structure(out) == jax.tree.structure(items)  # marks nothing, adds nothing
-    for name in items:
-        expected = new.get(name, items[name])
-        np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(expected), err_msg=name)
-        assert out[name].dtype == items[name].dtype
-    assert_trees_equal(items, make_items([3, 4, 5]))  # input untouched
-
-
-def test_relabel_custom_fields_broadcast_and_errors():
-    Traj = collections.namedtuple("Traj", "goal emb r lp latents")
-    traj = Traj(np.zeros(2, np.int32), np.zeros((2, 4), np.float32), np.zeros(2, np.float32),
-                np.zeros((2, 3), np.float32), np.ones((2, 5), np.float32))
-    fields = replay.RelabelFields(prompt_id="goal", prompt_embeds="emb", reward="r", log_probs="lp")
-    out = replay.relabel(traj, prompt_id=7, prompt_embeds=np.arange(4, dtype=np.float32),
-                         reward=np.array([1.0, 2.0]), fields=fields)
-    assert isinstance(out, Traj)
-    np.testing.assert_array_equal(out.goal, [7, 7])
-    np.testing.assert_array_equal(out.emb, np.tile(np.arange(4), (2, 1)))
-    assert out.r.dtype == np.float32 and out.lp is traj.lp and out.latents is traj.latents
-    with pytest.raises(KeyError, match="prompt_id"):
-        replay.relabel(traj, prompt_id=1, prompt_embeds=0.0, reward=0.0)
-    with pytest.raises(ValueError, match="emb"):
-        replay.relabel(traj, prompt_id=1, prompt_embeds=np.zeros(3), reward=0.0, fields=fields)
-    with pytest.raises(TypeError, match="goal"):
-        replay.relabel(traj, prompt_id=1.5, prompt_embeds=0.0, reward=0.0, fields=fields)
-
-
 def test_hindsight_step_runs_under_one_jit_trace(fns):
-    """The herd pattern (add fresh, add relabeled copies, expire, mix) compiles once."""
+    """The herd pattern (add fresh, add relabeled copies, expire, sample) compiles once."""
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(buf, traj, new_goal, new_reward, epoch, key):
         buf = replay.add(buf, traj, epoch=epoch, original_prompt_id=traj["prompt_id"],
                          relabeled=False)
-        copies = replay.relabel(traj, prompt_id=new_goal, prompt_embeds=traj["prompt_embeds"] * 0,
-                                reward=new_reward)
+        copies = {**traj, "prompt_id": new_goal, "prompt_embeds": traj["prompt_embeds"] * 0,
+                  "reward": jnp.broadcast_to(new_reward, traj["reward"].shape)}
         buf = replay.add(buf, copies, epoch=epoch, original_prompt_id=traj["prompt_id"],
                          relabeled=True, mask=new_goal != traj["prompt_id"])
         buf = replay.expire(buf, current_epoch=epoch, keep_epochs=2)
-        return buf, replay.sample_mixed(buf, traj, key, N, replay_fraction=0.5)
+        return buf, replay.sample(buf, key, N)
 
     buf = fns.init()
     for epoch in range(4):
@@ -348,7 +254,7 @@ def test_hindsight_step_runs_under_one_jit_trace(fns):
         copies = np.asarray(buf.relabeled) & np.asarray(buf.valid)
         goal, orig = np.asarray(buf.items["prompt_id"]), np.asarray(buf.original_prompt_id)
         assert copies.any() and (goal[copies] != orig[copies]).all()  # new goal, original kept
-        assert int(np.asarray(info["from_buffer"]).sum()) == N // 2
+        assert np.asarray(info["valid"]).all() and np.asarray(buf.valid)[np.asarray(info["index"])].all()
 
 
 def test_orbax_round_trip_is_bit_exact(fns, tmp_path):
@@ -379,7 +285,7 @@ items = {"x": np.arange(12, dtype=np.float32).reshape(4, 3),
          "prompt_id": np.arange(4, dtype=np.int32)}
 def body(b, it, k):
     b = replay.add(b, it, epoch=1, original_prompt_id=it["prompt_id"], relabeled=False)
-    return b, replay.sample_mixed(b, it, k, 4, replay_fraction=0.75)
+    return b, replay.sample(b, k, 4)
 key = jax.random.key(0)
 ref_step = jax.jit(body)  # one device, no shardings
 ref_buf = ref_step(make(), items, key)[0]

@@ -31,12 +31,12 @@ def test_recomputed_log_probs_match_sampling(trajectory, tiny_sd, tiny_policy):
     from herd_jax.trainer import encode_prompts
     from rollout_script import PROMPTS
 
-    embeds = encode_prompts(tiny_sd, PROMPTS, "")
-    cond = embeds["prompt_embeds"][jnp.asarray([0, 1, 2, 3, 3, 2, 1, 0])]
+    prompt_embeds, uncond = encode_prompts(tiny_sd, PROMPTS, "")
+    cond = prompt_embeds[jnp.asarray([0, 1, 2, 3, 3, 2, 1, 0])]
     latents = jnp.asarray(trajectory["latents"])
     recompute = jax.jit(tiny_policy.transition_log_prob)
     for i, t in enumerate(np.asarray(tiny_policy.schedule.timesteps)):
-        log_prob, _, _ = recompute(tiny_sd.params["unet"], latents[:, i], latents[:, i + 1], jnp.full((8,), t), cond, embeds["uncond"])
+        log_prob, _, _ = recompute(tiny_sd.params["unet"], latents[:, i], latents[:, i + 1], jnp.full((8,), t), cond, uncond)
         np.testing.assert_allclose(np.asarray(log_prob), trajectory["log_probs"][:, i], atol=1e-4)
 
 

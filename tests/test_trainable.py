@@ -22,16 +22,16 @@ def one_epoch(tmp_path, mode):
         ],
     )
     setup, state = trainer.build(cfg)
-    before = flat(setup.trainable.unet_params(state.params, setup.frozen.get("base")))
+    before = flat(setup.trainable.unet_params(state.params, setup.frozen.base))
     state, _, _ = trainer.run_epoch(setup, state)
-    after = flat(setup.trainable.unet_params(state.params, setup.frozen.get("base")))
+    after = flat(setup.trainable.unet_params(state.params, setup.frozen.base))
     return setup, before, after
 
 
 @pytest.mark.parametrize("mode", ["filter", "lora"])
 def test_only_targets_change(tmp_path, mode):
     setup, before, after = one_epoch(tmp_path, mode)
-    targets = set(setup.trainable.targets(jax.device_get(setup.frozen["base"]) if mode == "lora" else before_tree(before)))
+    targets = set(setup.trainable.targets(jax.device_get(setup.frozen.base) if mode == "lora" else before_tree(before)))
     assert targets and targets < set(before)
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed, "nothing trained"

@@ -1,9 +1,10 @@
 """DDPO (Black et al. 2023): policy gradient on the denoising MDP.
 
-Advantages are per-prompt normalised rewards (herd_jax.stats), clipped to ±adv_clip. Two
-estimators: `is` (default) — PPO's clipped importance-sampling ratio against the log-probs
-recorded at sampling time, several inner epochs and minibatches per batch; `sf` — the
-score-function (REINFORCE) estimator −A·log π_θ.
+Advantages are per-prompt normalised rewards (herd_jax.stats), clipped to ±train.adv_clip, the
+same on every step of a trajectory. Two estimators (`train.estimator`): `is` (default) — PPO's
+clipped importance-sampling ratio against the log-probs recorded at sampling time, with inner
+epochs and minibatches per batch; `sf` — the score-function (REINFORCE) estimator −A·log π_θ,
+unbiased only on-policy (one update per sampled batch).
 
 References:
   Black, Janner, Du, Kostrikov, Levine. "Training Diffusion Models with Reinforcement
@@ -14,33 +15,51 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from herd_jax.algorithms.common import clip_advantages, ppo_clip_loss, score_function_loss
-from herd_jax.diffusion import Policy
-from herd_jax.train_step import LossFn, Transition
+from herd_jax import stats as stats_lib
+from herd_jax.algorithms import api
+from herd_jax.algorithms.common import ppo_clip_loss, score_function_loss
 
 ESTIMATORS = ("is", "sf")
 
 
-def make_loss(policy: Policy, *, estimator: str = "is", clip_range: float = 1e-4, adv_clip: float = 5.0) -> LossFn:
-    """The per-transition DDPO loss. `aux` must hold {"uncond": f32[1, L, D]}.
+def make_loss(policy: Any, *, estimator: str = "is", clip_range: float = 1e-4) -> api.LossFn:
+    """The per-transition DDPO loss (advantages come clipped in the batch).
 
     Args:
-      policy: the sampling policy (UNet + DDIM settings).
+      policy: the sampling policy (herd_jax.diffusion.Policy).
       estimator: "is" (clipped ratio) or "sf" (score function).
       clip_range: PPO ε for the ratio.
-      adv_clip: advantages are clipped to ±adv_clip.
     Returns:
-      loss_fn(params, aux, transition) -> (loss, info).
+      loss(params, frozen, transition) -> (loss, info).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
 
-    def loss_fn(params: Any, aux: Any, tr: Transition) -> tuple[jax.Array, dict[str, jax.Array]]:
-        log_prob, _, _ = policy.transition_log_prob(params, tr.x_t, tr.x_prev, tr.t, tr.cond, aux["uncond"])
-        advantages = clip_advantages(tr.advantages, adv_clip)
+    def loss(params: Any, frozen: api.Frozen, tr: api.Transition) -> tuple[jax.Array, dict[str, jax.Array]]:
+        log_prob, _, _ = policy.transition_log_prob(params, tr.x_t, tr.x_prev, tr.t, tr.cond, frozen.uncond)
         if estimator == "is":
-            return ppo_clip_loss(log_prob, tr.old_log_prob, advantages, clip_range, tr.weights)
-        return score_function_loss(log_prob, tr.old_log_prob, advantages, tr.weights)
+            return ppo_clip_loss(log_prob, tr.old_log_prob, tr.advantages, clip_range, tr.weights)
+        return score_function_loss(log_prob, tr.old_log_prob, tr.advantages, tr.weights)
 
-    return loss_fn
+    return loss
+
+
+def make(ctx: api.Context) -> api.Algorithm:
+    """DDPO on fresh samples: no state, per-prompt normalised advantages."""
+    train, num_steps = ctx.cfg.train, ctx.policy.num_steps
+
+    def prepare(state, stats, fresh: api.Experience, queries, answers, params, frozen, epoch, key):
+        del queries, answers, params, frozen, epoch, key
+        stats = stats_lib.update(stats, fresh.goal, fresh.reward)
+        valid = jnp.ones(fresh.goal.shape, bool)
+        advantages = api.normalised_advantages(stats, fresh.goal, fresh.reward, valid, train=train, num_steps=num_steps)
+        return api.fresh_batch(fresh, advantages), state, stats, {}
+
+    return api.Algorithm(
+        init=lambda: (),
+        loss=make_loss(ctx.policy, estimator=train.estimator, clip_range=train.clip_range),
+        prepare=prepare,
+        prompts=api.uniform_prompts(len(ctx.prompts)),
+    )

@@ -26,19 +26,51 @@ counted as reward queries.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from herd_jax import replay
-from herd_jax.diffusion import Policy
+from herd_jax import stats as stats_lib
+from herd_jax.algorithms import api, ddpo
+from herd_jax.errors import ConfigError
 
-STRATEGIES = ("sentence", "best", "random")
-CORRECTIONS = ("recompute", "behaviour")
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+
+
+@dataclasses.dataclass
+class HerdConfig:
+    """`herd`: DDPO updates fed by a replay buffer of fresh trajectories plus hindsight copies."""
+
+    goal_strategy: Literal["sentence", "best", "random"] = "best"  # how a copy's new goal c' is chosen
+    copies: int = 1  # hindsight copies per fresh trajectory
+    best_candidates: int = 8  # `best`: candidate goals scored per image (reward queries each)
+    capacity: int = 256  # buffer size in trajectories
+    keep_epochs: int = 1  # iterations the buffer keeps (the original kept 1; its paper's "b2" kept 2)
+    replay_ratio: float = 1.0  # replayed samples per fresh sample in each update batch
+    correction: Literal["recompute", "behaviour"] = "recompute"  # recompute: log π_old re-evaluated under c' (ratio starts at 1); behaviour: keep log π(·|c)
+
+    def validate(self, cfg: Any, num_devices: int) -> None:
+        if self.capacity % num_devices:
+            raise ConfigError(f"herd.capacity={self.capacity} must be a multiple of the number of devices ({num_devices})")
+        for key in ("copies", "best_candidates", "capacity", "keep_epochs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"herd.{key} must be positive, got {getattr(self, key)}")
+        samples = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
+        replayed = num_replayed(cfg)
+        if replayed < 0 or replayed != samples * self.replay_ratio:
+            raise ConfigError(f"herd.replay_ratio × samples per epoch ({samples}) must be a whole number ≥ 0, got {self.replay_ratio}")
+        if (samples + replayed) % cfg.train.batch_size:
+            raise ConfigError(f"fresh + replayed samples ({samples} + {replayed}) must be a multiple of train.batch_size ({cfg.train.batch_size})")
+
+
+def num_replayed(cfg: Any) -> int:
+    """Replayed samples added to each update batch."""
+    return int(round(cfg.sample.batch_size * cfg.sample.num_batches_per_epoch * cfg.herd.replay_ratio))
 
 
 def sentences(prompt: str) -> list[str]:
@@ -66,108 +98,109 @@ def build_goals(prompts: Sequence[str], strategy: str) -> tuple[list[str], list[
 
 
 def choose_goals(
-    rng: np.random.Generator,
-    prompt_ids: np.ndarray,
-    images: np.ndarray,
+    key: jax.Array,
+    goal: jax.Array,
     *,
     strategy: str,
     copies: int,
     num_prompts: int,
-    sentence_ids: list[list[int]],
+    sentence_goals: jax.Array,
+    sentence_counts: jax.Array,
     best_candidates: int,
-    score: Callable[[np.ndarray, list[int]], np.ndarray],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Picks hindsight goals for `copies` copies of each trajectory and scores them.
+) -> api.Queries:
+    """The reward queries for `copies` hindsight copies of each trajectory (pure, jit-able).
 
     Args:
-      rng: host RNG (seeded from the epoch key, so resumes repeat the same choices).
-      prompt_ids: int32[B] goal ids the trajectories were sampled for.
-      images: uint8[B, H, W, 3] their final images.
-      score: score(images[K], goal_ids[K]) -> f32[K], one reward query per image.
+      goal: int32[B] goal ids the trajectories were sampled for.
+      sentence_goals: int32[P, S] each prompt's sentence goal ids (padded); sentence_counts int32[P].
     Returns:
-      (goal ids int32[B*copies], rewards f32[B*copies], valid bool[B*copies], reward queries made).
-      Copy k of trajectory i is row k*B + i.
+      Queries with K = best_candidates (`best`) or 1 candidates per copy: row k*B*K + i*K + j is
+      candidate j of copy k of trajectory i (`row` = i).
     """
-    batch = len(prompt_ids)
-    goals = np.zeros((copies, batch), np.int32)
-    valid = np.ones((copies, batch), bool)
-    rewards = np.zeros((copies, batch), np.float32)
+    batch = goal.shape[0]
+    k = best_candidates if strategy == "best" else 1
+    rows = jnp.tile(jnp.repeat(jnp.arange(batch, dtype=jnp.int32), k), copies)
+    keys = jax.random.split(key, (copies, batch))
     if strategy == "sentence":
-        for k in range(copies):
-            for i, pid in enumerate(prompt_ids):
-                options = sentence_ids[pid]
-                valid[k, i] = bool(options)
-                goals[k, i] = rng.choice(options) if options else pid
-    elif strategy in ("random", "best"):
-        if num_prompts < 2:
-            valid[:] = False
-            goals[:] = prompt_ids
-        else:
-            n = 1 if strategy == "random" else best_candidates
-            # Candidates: other prompts, drawn without replacement per copy.
-            offsets = np.stack([rng.permutation(num_prompts - 1)[: min(n, num_prompts - 1)] + 1 for _ in range(copies * batch)])
-            candidates = (np.tile(prompt_ids, copies)[:, None] + offsets) % num_prompts  # [copies*B, n]
-            if strategy == "random":
-                goals = candidates[:, 0].reshape(copies, batch)
-            else:
-                flat_images = np.repeat(np.tile(images, (copies, 1, 1, 1)), candidates.shape[1], axis=0)
-                scores = score(flat_images, candidates.reshape(-1).tolist()).reshape(candidates.shape)
-                best = np.argmax(scores, axis=1)
-                goals = np.take_along_axis(candidates, best[:, None], axis=1)[:, 0].reshape(copies, batch)
-                rewards = np.take_along_axis(scores, best[:, None], axis=1)[:, 0].reshape(copies, batch)
-                return goals.reshape(-1), rewards.reshape(-1).astype(np.float32), valid.reshape(-1), scores.size
-    else:
-        raise ValueError(f"unknown goal strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    flat_goals, flat_valid = goals.reshape(-1), valid.reshape(-1)
-    queries = 0
-    if flat_valid.any():
-        rows = np.flatnonzero(flat_valid)
-        tiled = np.tile(images, (copies, 1, 1, 1))
-        scored = score(tiled[rows], flat_goals[rows].tolist())
-        rewards = rewards.reshape(-1)
-        rewards[rows] = scored
-        queries = len(rows)
-    return flat_goals, rewards.reshape(-1).astype(np.float32), flat_valid, queries
+        count = sentence_counts[goal]  # [B]
+        draw = lambda key, n: jax.random.randint(key, (), 0, jnp.maximum(n, 1))
+        pick = jax.vmap(lambda copy_keys: jax.vmap(draw)(copy_keys, count))(keys)  # [copies, B]
+        goals = sentence_goals[goal[None, :], pick]  # [copies, B]
+        valid = jnp.broadcast_to(count > 0, (copies, batch))
+        return api.Queries(rows, goals.reshape(-1).astype(jnp.int32), valid.reshape(-1))
+    if strategy not in ("random", "best"):
+        raise ValueError(f"unknown goal strategy {strategy!r}")
+    others = max(num_prompts - 1, 1)
+    k_eff = min(k, others)
+    # Candidates: other prompts, drawn without replacement per copy (offsets 1..P-1 from the goal).
+    offsets = jax.vmap(jax.vmap(lambda key: jax.random.permutation(key, others)[:k_eff] + 1))(keys)  # [copies, B, k_eff]
+    candidates = (goal[None, :, None] + offsets) % num_prompts
+    candidates = jnp.concatenate([candidates, jnp.repeat(candidates[..., -1:], k - k_eff, axis=-1)], axis=-1)  # [copies, B, k]
+    valid = jnp.broadcast_to(jnp.arange(k) < k_eff, candidates.shape) & (num_prompts > 1)
+    return api.Queries(rows, candidates.reshape(-1).astype(jnp.int32), valid.reshape(-1))
 
 
-def trajectory_item(latents: jax.Array, log_probs: jax.Array, prompt_ids: jax.Array, embeds: jax.Array, rewards: jax.Array) -> dict[str, jax.Array]:
-    """The replay item layout: one trajectory with its goal."""
-    return {"latents": latents, "log_probs": log_probs, "prompt_id": prompt_ids, "prompt_embeds": embeds, "reward": rewards}
+def relabeled_copies(queries: api.Queries, answers: jax.Array, *, copies: int, batch: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each copy's goal and reward from the scored candidates: the best-scoring valid one.
 
-
-def replay_step(
-    policy: Policy,
-    buffer: replay.ReplayBuffer,
-    params: Any,
-    uncond: jax.Array,
-    fresh: dict[str, jax.Array],
-    copy_goals: jax.Array,
-    copy_embeds: jax.Array,
-    copy_rewards: jax.Array,
-    copy_valid: jax.Array,
-    epoch: jax.Array,
-    key: jax.Array,
-    *,
-    copies: int,
-    keep_epochs: int,
-    num_replay: int,
-    recompute: bool,
-) -> tuple[replay.ReplayBuffer, dict[str, jax.Array], jax.Array]:
-    """Stores this epoch's hindsight copies, expires old items, and draws the replay part of the batch.
-
-    Returns:
-      (buffer, replayed items [num_replay], replayed-valid bool[num_replay]). The fresh trajectories
-      are added after the update (`store_fresh`), so a batch never holds a fresh item twice.
+    Returns (goal int32[copies*B], reward f32[copies*B], valid bool[copies*B]); row k*B + i is copy
+    k of trajectory i.
     """
-    tiled = jax.tree.map(lambda x: jnp.concatenate([x] * copies), fresh)
-    relabeled = replay.relabel(tiled, prompt_id=copy_goals, prompt_embeds=copy_embeds, reward=copy_rewards)
-    buffer = replay.add(buffer, relabeled, epoch=epoch, original_prompt_id=tiled["prompt_id"], relabeled=True, mask=copy_valid)
-    buffer = replay.expire(buffer, current_epoch=epoch, keep_epochs=keep_epochs)
-    items, info = replay.sample(buffer, key, num_replay)
-    if recompute:
-        items = dict(items, log_probs=policy.trajectory_log_probs(params, items["latents"], items["prompt_embeds"], uncond))
-    return buffer, items, info["valid"]
+    shape = (copies * batch, -1)
+    goals, scores, valid = queries.goal.reshape(shape), answers.reshape(shape), jnp.asarray(queries.valid).reshape(shape)
+    best = jnp.argmax(jnp.where(valid, scores, -jnp.inf), axis=1)
+    pick = lambda x: jnp.take_along_axis(x, best[:, None], axis=1)[:, 0]
+    return pick(goals), pick(scores), valid.any(axis=1)
 
 
-def store_fresh(buffer: replay.ReplayBuffer, fresh: dict[str, jax.Array], epoch: jax.Array) -> replay.ReplayBuffer:
-    return replay.add(buffer, fresh, epoch=epoch, original_prompt_id=fresh["prompt_id"], relabeled=False)
+def make(ctx: api.Context) -> api.Algorithm:
+    h, train, policy = ctx.cfg.herd, ctx.cfg.train, ctx.policy
+    goals, sentence_ids = build_goals(ctx.prompts, h.goal_strategy)
+    width = max([len(ids) for ids in sentence_ids] + [1])
+    sentence_goals = jnp.asarray(np.array([ids + [0] * (width - len(ids)) for ids in sentence_ids], np.int32).reshape(len(ctx.prompts), width))
+    sentence_counts = jnp.asarray([len(ids) for ids in sentence_ids], jnp.int32)
+    n, num_replay, num_steps = ctx.samples_per_epoch, num_replayed(ctx.cfg), policy.num_steps
+    item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), ctx.item)
+
+    def queries(state, goal, key):
+        del state
+        return choose_goals(
+            key, goal, strategy=h.goal_strategy, copies=h.copies, num_prompts=len(ctx.prompts),
+            sentence_goals=sentence_goals, sentence_counts=sentence_counts, best_candidates=h.best_candidates,
+        )
+
+    def prepare(buffer: replay.ReplayBuffer, stats, fresh: api.Experience, queries, answers, params, frozen, epoch, key):
+        stats = stats_lib.update(stats, fresh.goal, fresh.reward)
+        copy_goal, copy_reward, copy_valid = relabeled_copies(queries, answers, copies=h.copies, batch=n)
+        tiled = jax.tree.map(lambda x: jnp.concatenate([x] * h.copies), fresh)
+        copies = tiled._replace(goal=copy_goal, cond=frozen.goal_embeds[copy_goal], reward=copy_reward)
+        stats = stats_lib.update(stats, copy_goal, copy_reward, copy_valid)
+        buffer = replay.add(buffer, copies, epoch=epoch, original_prompt_id=tiled.goal, relabeled=True, mask=copy_valid)
+        buffer = replay.expire(buffer, current_epoch=epoch, keep_epochs=h.keep_epochs)
+        items, info = replay.sample(buffer, key, num_replay)
+        if h.correction == "recompute":
+            items = items._replace(log_probs=policy.trajectory_log_probs(params, items.latents, items.cond, frozen.uncond))
+        both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), fresh, items)
+        valid = jnp.concatenate([jnp.ones((n,), bool), info["valid"]])
+        advantages = api.normalised_advantages(stats, both.goal, both.reward, valid, train=train, num_steps=num_steps)
+        batch = api.Batch(both.latents, both.log_probs, both.cond, advantages, valid.astype(jnp.float32))
+        metrics = {
+            "herd/relabeled_reward": jnp.sum(copy_reward * copy_valid) / jnp.maximum(jnp.sum(copy_valid), 1),
+            "herd/replayed_valid": jnp.mean(info["valid"].astype(jnp.float32)),
+        }
+        return batch, buffer, stats, metrics
+
+    def finish(buffer, fresh: api.Experience, epoch):
+        """The fresh trajectories join the buffer after the update, so a batch never holds one twice."""
+        return replay.add(buffer, fresh, epoch=epoch, original_prompt_id=fresh.goal, relabeled=False)
+
+    return api.Algorithm(
+        init=lambda: replay.init(item, h.capacity),
+        loss=ddpo.make_loss(policy, estimator=train.estimator, clip_range=train.clip_range),
+        prepare=prepare,
+        prompts=api.uniform_prompts(len(ctx.prompts)),
+        queries=queries,
+        finish=finish,
+        shardings=replay.shardings,
+        extra_goals=tuple(goals[len(ctx.prompts):]),
+    )
