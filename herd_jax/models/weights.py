@@ -4,9 +4,10 @@ Our parameter path `down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_out
 is PyTorch's `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight`: list
 containers (`_LISTS`) carry their index after an underscore, other path parts are the same,
 and the leaf renames `kernel`/`scale`/`embedding` -> `weight`. Layouts: conv kernels
-HWIO <- OIHW, dense kernels [in, out] <- [out, in], everything else as is. A few components
-have alternative PyTorch names (`_ALIASES`): the VAE attention's deprecated `query`/`key`/
-`value`/`proj_attn`, and a CLIP text encoder saved without its `text_model.` prefix.
+HWIO <- OIHW, dense kernels [in, out] <- [out, in], everything else as is. Two components
+have other PyTorch names: the VAE attention's `query`/`key`/`value`/`proj_attn` are current
+diffusers' `to_q`/`to_k`/`to_v`/`to_out.0` (`_ALIASES`; old files' names also accepted), and
+transformers >= 5 saves a CLIP text encoder without its `text_model.` prefix (both accepted).
 
 Reading needs no torch for `.safetensors` (`safetensors.numpy`); `.bin` imports torch lazily;
 Flax `.msgpack` files hold our names already. Every file is checked against the abstract params
