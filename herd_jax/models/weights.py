@@ -40,7 +40,7 @@ _MSGPACK_SKIPPED: dict[str, Callable[[str], bool]] = {
     "unet": lambda top: False,
     "vae": lambda top: top in ("encoder", "quant_conv"),
     "text_encoder": lambda top: False,
-    "clip_vision": lambda top: top not in ("vision_model", "visual_projection"),  # FlaxCLIPModel's text side
+    "clip_vision": lambda top: top not in ("vision_model", "visual_projection"),  # the text side of a full CLIP msgpack
 }
 _CONFIG_OF = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
               "clip_vision": "its config.json"}
