@@ -118,7 +118,7 @@ def unet_floor_fns(policy, mesh, batch: int):
     sharded, replicated = parallel.batch_sharded(mesh), parallel.replicated(mesh)
 
     def one(params, x, t, cond):
-        return policy.unet.apply({"params": params}, x, jnp.broadcast_to(t, (x.shape[0],)), cond).sample
+        return policy.unet.apply({"params": params}, x, jnp.broadcast_to(t, (x.shape[0],)), cond)
 
     def loop(params, x, cond):
         timesteps = policy.schedule.timesteps

@@ -3,8 +3,8 @@
 Each DDIM step with eta > 0 is a Gaussian policy π_θ(x_{t-1} | x_t, c) whose mean comes from the
 (classifier-free guided) noise prediction and whose std is eta·σ_t (DDIM paper eq. 16), clipped at
 1e-6. Its log-prob is the Gaussian log-density averaged over latent dimensions, as DDPO does.
-diffusers' FlaxDDIMScheduler.step takes `eta` but adds no noise, so the step is written here; the
-scheduler object is only used for its noise schedule and timesteps.
+The noise schedule and timesteps are diffusers' DDIMScheduler's, computed here from the model's
+scheduler_config.json (`SchedulerConfig`, `make_schedule`).
 
 References:
   Black et al. 2023, "Training Diffusion Models with Reinforcement Learning" (DDPO).
@@ -14,14 +14,89 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = Any
 MIN_STD = 1e-6
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The noise schedule of a diffusers scheduler_config.json, as DDIM samples it.
+
+    Defaults are diffusers' DDIMScheduler's except `set_alpha_to_one`: a config without the key
+    (e.g. an Euler or LMS scheduler's) gets SD's False, because diffusers' True would replace the
+    last step's target alpha (alphas_cumprod[0]) by 1 and so change the last step. `clip_sample`
+    is not read: the step never clips x0 (SD sets it False).
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    set_alpha_to_one: bool = False
+    steps_offset: int = 0
+    timestep_spacing: str = "leading"
+    prediction_type: str = "epsilon"
+
+
+def scheduler_config(config: Mapping[str, Any]) -> SchedulerConfig:
+    """SchedulerConfig from any diffusers scheduler config dict; ValueError names what DDIM here cannot honour."""
+    c = {f.name: config[f.name] for f in dataclasses.fields(SchedulerConfig) if config.get(f.name) is not None}
+    if c.get("trained_betas") is not None:
+        c["trained_betas"] = tuple(float(b) for b in c["trained_betas"])
+    for key, allowed in (("beta_schedule", BETA_SCHEDULES), ("timestep_spacing", TIMESTEP_SPACINGS),
+                         ("prediction_type", PREDICTION_TYPES)):
+        if key in c and c[key] not in allowed and not (key == "beta_schedule" and "trained_betas" in c):
+            raise ValueError(f"sets {key}={c[key]!r}; supported: {', '.join(allowed)}")
+    for key in ("rescale_betas_zero_snr", "thresholding"):
+        if config.get(key):
+            raise ValueError(f"sets {key}=true; supported: false")
+    return SchedulerConfig(**c)
+
+
+def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+    """f32[num_train_timesteps] as diffusers computes it: float32 betas, float32 1 - β, cumulative product.
+
+    (torch accumulates the float32 product in float64 on CPU; so do we. Linear schedules are
+    float64 linspaces rounded once; torch's float32 linspace kernel may differ by an ulp.)
+    """
+    n = config.num_train_timesteps
+    if config.trained_betas is not None:
+        betas = np.asarray(config.trained_betas, np.float64)
+    elif config.beta_schedule == "linear":
+        betas = np.linspace(config.beta_start, config.beta_end, n)
+    elif config.beta_schedule == "scaled_linear":
+        betas = np.linspace(config.beta_start**0.5, config.beta_end**0.5, n).astype(np.float32) ** 2
+    else:  # squaredcos_cap_v2: Nichol & Dhariwal 2021's cosine schedule, betas capped at 0.999
+        alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = np.asarray([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)])
+    alphas = np.float32(1.0) - betas.astype(np.float32)
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def ddim_timesteps(config: SchedulerConfig, num_steps: int) -> np.ndarray:
+    """int32[num_steps], descending, by `timestep_spacing` (diffusers' DDIMScheduler.set_timesteps)."""
+    n = config.num_train_timesteps
+    if not 1 <= num_steps <= n:
+        raise ValueError(f"num_steps must be in [1, {n}] (the scheduler's num_train_timesteps), got {num_steps}")
+    if config.timestep_spacing == "linspace":
+        timesteps = np.linspace(0, n - 1, num_steps).round()[::-1]
+    elif config.timestep_spacing == "leading":
+        timesteps = (np.arange(0, num_steps) * (n // num_steps)).round()[::-1] + config.steps_offset
+    else:  # trailing
+        timesteps = np.round(np.arange(n, 0, -n / num_steps)) - 1
+    return timesteps.astype(np.int32)
 
 
 @flax.struct.dataclass
@@ -34,17 +109,20 @@ class DDIMSchedule:
     prev_timesteps: jax.Array  # int32[T], t - (num_train_timesteps // T); negative at the last step
 
 
-def make_schedule(scheduler: Any, num_steps: int) -> DDIMSchedule:
-    """Builds the DDIM schedule for `num_steps` from a diffusers FlaxDDIMScheduler."""
-    state = scheduler.create_state()
-    state = scheduler.set_timesteps(state, num_steps)
-    step_ratio = scheduler.config.num_train_timesteps // num_steps
-    timesteps = jnp.asarray(state.timesteps, jnp.int32)
+def make_schedule(config: SchedulerConfig, num_steps: int) -> DDIMSchedule:
+    """The DDIM schedule for `num_steps` sampling steps.
+
+    As diffusers' DDIMScheduler: the previous timestep is t - num_train_timesteps // num_steps
+    whatever the spacing, and the step from the first trained timestep targets
+    `final_alpha_cumprod` (1 if `set_alpha_to_one`, else alphas_cumprod[0]).
+    """
+    alphas = alphas_cumprod(config)
+    timesteps = ddim_timesteps(config, num_steps)
     return DDIMSchedule(
-        alphas_cumprod=jnp.asarray(state.common.alphas_cumprod, jnp.float32),
-        final_alpha_cumprod=jnp.asarray(state.final_alpha_cumprod, jnp.float32),
-        timesteps=timesteps,
-        prev_timesteps=timesteps - step_ratio,
+        alphas_cumprod=jnp.asarray(alphas),
+        final_alpha_cumprod=jnp.float32(1.0 if config.set_alpha_to_one else alphas[0]),
+        timesteps=jnp.asarray(timesteps),
+        prev_timesteps=jnp.asarray(timesteps - config.num_train_timesteps // num_steps),
     )
 
 
@@ -144,14 +222,14 @@ class Policy:
         """Guided network output ε̂ = ε_u + w (ε_c − ε_u); the unconditional pass is skipped at w = 1."""
         t = jnp.broadcast_to(t, (x.shape[0],))
         if self.guidance_scale == 1.0:
-            return self.unet.apply({"params": unet_params}, x, t, cond).sample.astype(jnp.float32)
+            return self.unet.apply({"params": unet_params}, x, t, cond).astype(jnp.float32)
         uncond = jnp.broadcast_to(uncond, cond.shape)
         out = self.unet.apply(
             {"params": unet_params},
             jnp.concatenate([x, x]),
             jnp.concatenate([t, t]),
             jnp.concatenate([uncond, cond]),
-        ).sample.astype(jnp.float32)  # bf16 compute: the DDIM arithmetic and log-probs stay float32
+        ).astype(jnp.float32)  # bf16 compute: the DDIM arithmetic and log-probs stay float32
         out_uncond, out_cond = jnp.split(out, 2)
         return out_uncond + self.guidance_scale * (out_cond - out_uncond)
 
@@ -176,7 +254,7 @@ class Policy:
 
     def decode(self, vae_params: Params, latents: jax.Array) -> jax.Array:
         """VAE-decodes NCHW latents to uint8[B, H, W, 3] images."""
-        images = self.vae.apply({"params": vae_params}, latents / self.scaling_factor, method=self.vae.decode).sample.astype(jnp.float32)
+        images = self.vae.apply({"params": vae_params}, latents / self.scaling_factor).astype(jnp.float32)
         images = jnp.clip(jnp.transpose(images, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
         return jnp.round(images * 255).astype(jnp.uint8)
 
@@ -225,5 +303,5 @@ def make_policy(sd: Any, *, num_steps: int, eta: float, guidance_scale: float) -
         schedule=make_schedule(sd.scheduler, num_steps),
         eta=float(eta),
         guidance_scale=float(guidance_scale),
-        prediction_type=sd.scheduler.config.prediction_type,
+        prediction_type=sd.scheduler.prediction_type,
     )

@@ -4,8 +4,9 @@
   # then, in PyTorch: diffusers.StableDiffusionPipeline.from_pretrained("exported/x")
 
 The output is the run's base model directory (its `model` config value) with `unet/` replaced by
-the checkpoint's params, converted Flax -> PyTorch with diffusers' own
-`load_flax_weights_in_pytorch_model` and written as `unet/diffusion_pytorch_model.safetensors`.
+the checkpoint's params, mapped to PyTorch names and layouts by the inverse of the loader's
+mapping (`herd_jax.models.weights.torch_state_dict`) and written with `safetensors.numpy` as
+`unet/diffusion_pytorch_model.safetensors` (no torch needed), next to the base's unet/config.json.
 The other components are unchanged: their weight files are hard-linked where the filesystem
 allows (they are never written to) and copied otherwise; every other file is copied.
 `herd_jax_export.json` records which checkpoint the UNet came from.
@@ -18,7 +19,6 @@ import os
 import pathlib
 import shutil
 import sys
-import warnings
 from typing import Any
 
 import numpy as np
@@ -29,36 +29,16 @@ from herd_jax import config as config_lib
 _LINK_MIN_BYTES = 1 << 20  # hard-link files at least this big outside unet/ (weights), copy the rest
 
 
-def flax_unet_to_torch(params: Any, unet_config: dict[str, Any]) -> Any:
-    """A PyTorch `UNet2DConditionModel` built from `unet_config` holding the Flax `params`.
+def write_unet(params: Any, unet_config_file: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Writes `params` as diffusers' `diffusion_pytorch_model.safetensors` plus a copy of `unet_config_file`."""
+    from safetensors.numpy import save_file
 
-    Every PyTorch tensor must receive a Flax one and every Flax one must be used; otherwise a
-    ValueError (diffusers' converter only warns).
-    """
-    import jax
-    import torch
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.modeling_pytorch_flax_utils import load_flax_weights_in_pytorch_model
-    from flax.traverse_util import flatten_dict
+    from herd_jax.models.weights import torch_state_dict
 
-    model = UNet2DConditionModel.from_config(unet_config)
-    with torch.no_grad():  # NaN marks what the converter did not fill
-        for tensor in model.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.fill_(float("nan"))
-    params = jax.tree.map(lambda x: np.array(x, np.float32), params)  # writable copies for torch.from_numpy
-    with warnings.catch_warnings():  # torch.from_numpy of read-only arrays: load_state_dict copies them anyway
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        model = load_flax_weights_in_pytorch_model(model, params)
-    state = model.state_dict()
-    unfilled = [k for k, v in state.items() if v.is_floating_point() and torch.isnan(v).any()]
-    num_flax = len(flatten_dict(params))
-    if unfilled or num_flax != len(state):
-        raise ValueError(
-            f"Flax -> PyTorch UNet conversion mismatch: {num_flax} Flax tensors, {len(state)} PyTorch tensors, "
-            f"{len(unfilled)} left unset (e.g. {unfilled[:1]})"
-        )
-    return model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.astype(np.float32) for k, v in torch_state_dict(params, "unet").items()}
+    save_file(state, str(out_dir / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(unet_config_file, out_dir / "config.json")
 
 
 def _copy_pipeline(src: pathlib.Path, dst: pathlib.Path) -> None:
@@ -70,7 +50,7 @@ def _copy_pipeline(src: pathlib.Path, dst: pathlib.Path) -> None:
             target.mkdir(parents=True, exist_ok=True)
             continue
         if rel.parts[0] == "unet":
-            continue  # written by save_pretrained
+            continue  # written by write_unet
         target.parent.mkdir(parents=True, exist_ok=True)
         real = path.resolve()  # hub snapshots hold symlinks into the blob cache
         if rel.parts[0] != "unet" and real.stat().st_size >= _LINK_MIN_BYTES:
@@ -101,11 +81,9 @@ def export(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> pathli
     cfg = config_lib.load_config([checkpoint.saved_config(checkpoint.find(step_dir))])
     params = unet_params(cfg, trained, lambda: load_pipeline(cfg.model).params["unet"])  # LoRA: merged into the base
     src = resolve_model_path(cfg.model)
-    unet_config = json.loads((src / "unet" / "config.json").read_text())
-    model = flax_unet_to_torch(params, unet_config)
     out.mkdir(parents=True, exist_ok=True)
     _copy_pipeline(src, out)
-    model.save_pretrained(out / "unet", safe_serialization=True)
+    write_unet(params, (src / "unet" / "config.json").resolve(), out / "unet")
     provenance = {"checkpoint": str(step_dir), "step": int(step_dir.name), "base_model": cfg.model, "base_path": str(src)}
     (out / "herd_jax_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return out

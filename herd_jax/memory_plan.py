@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import inspect
 import json
 import os
 import pathlib
@@ -40,8 +39,8 @@ GiB = 1024**3
 PLATFORMS = ("cpu", "gpu", "tpu")
 PHASES = ("rollout", "train")
 
-# Stable Diffusion v1.5 (runwayml/stable-diffusion-v1-5) configs, restricted to what the Flax
-# modules read; the values the Flax classes assume silently are the loader's (_FLAX_ASSUMES).
+# Stable Diffusion v1.5 (runwayml/stable-diffusion-v1-5) configs, as in its config.json files
+# (keys left out take diffusers' defaults, as the loader's readers do).
 SD15_UNET: dict[str, Any] = {
     "sample_size": 64,
     "in_channels": 4,
@@ -102,35 +101,30 @@ NOTE = (
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfigs:
-    """Configs of the three networks and the noise schedule, as dicts the Flax classes take."""
+    """Configs of the three networks and the noise schedule (herd_jax.models' config dataclasses)."""
 
-    unet: dict[str, Any]
-    vae: dict[str, Any]
-    text: dict[str, Any]
-    scheduler: dict[str, Any]
+    unet: Any  # herd_jax.models.UNetConfig
+    vae: Any  # herd_jax.models.VAEConfig
+    text: Any  # herd_jax.models.CLIPTextConfig
+    scheduler: Any  # herd_jax.diffusion.SchedulerConfig
     name: str = "sd-v1.5"
 
 
 def sd15_configs() -> ModelConfigs:
-    return ModelConfigs(dict(SD15_UNET), dict(SD15_VAE), dict(SD15_TEXT), dict(SD15_SCHEDULER))
+    from herd_jax.diffusion import scheduler_config
+    from herd_jax.models import clip_text_config, unet_config, vae_config
+
+    return ModelConfigs(
+        unet_config(SD15_UNET), vae_config(SD15_VAE), clip_text_config(SD15_TEXT), scheduler_config(SD15_SCHEDULER)
+    )
 
 
 def configs_from_dir(model: str | os.PathLike) -> ModelConfigs:
     """Reads a diffusers-format directory's configs (or "tiny") exactly as the loader does; no weights."""
-    from herd_jax.models import loading
+    from herd_jax.models import read_configs, resolve_model_path
 
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-
-    path = loading.resolve_model_path(model)
-    text = loading._text_config(path).to_dict()
-    scheduler = dict(loading._scheduler(path).config)
-    return ModelConfigs(
-        unet=loading._module_config(path, "unet", FlaxUNet2DConditionModel),
-        vae=loading._module_config(path, "vae", FlaxAutoencoderKL),
-        text=text,
-        scheduler=scheduler,
-        name=str(model),
-    )
+    configs = read_configs(resolve_model_path(model))
+    return ModelConfigs(configs["unet"], configs["vae"], configs["text_encoder"], configs["scheduler"], name=str(model))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -140,7 +134,7 @@ class AbstractModel:
     unet: Any
     vae: Any
     text_encoder: Any
-    scheduler: Any
+    scheduler: Any  # herd_jax.diffusion.SchedulerConfig
     params: dict[str, Any]  # {"unet", "vae", "text_encoder"}: trees of jax.ShapeDtypeStruct
     scaling_factor: float
     latent_channels: int
@@ -156,32 +150,24 @@ def _as_float32(tree: Any) -> Any:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), tree)
 
 
-def abstract_model(configs: ModelConfigs, compute_dtype: Any) -> AbstractModel:
+def abstract_model(configs: ModelConfigs, compute_dtype: Any, attention: str = "auto") -> AbstractModel:
     """Builds the modules and their parameter shapes with `jax.eval_shape` (nothing is allocated)."""
-    import herd_jax.models  # noqa: F401  (silences the Flax deprecation notices first)
-    from herd_jax.models.loading import abstract_params
-    from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
-    from transformers import CLIPTextConfig
-    from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModule
+    from herd_jax.models import CLIPTextModel, UNet2DConditionModel, VAEDecoder, abstract_params
 
-    unet = FlaxUNet2DConditionModel(**configs.unet, dtype=compute_dtype)
-    vae = FlaxAutoencoderKL(**configs.vae, dtype=compute_dtype)
-    text_config = CLIPTextConfig(**configs.text)
-    text_encoder = FlaxCLIPTextModule(config=text_config, dtype=compute_dtype)
-    params = abstract_params(unet, vae, text_encoder)
-    fields = set(inspect.signature(FlaxDDIMScheduler.__init__).parameters) - {"self", "dtype"}
-    scheduler = FlaxDDIMScheduler.from_config({k: v for k, v in configs.scheduler.items() if k in fields})
+    unet = UNet2DConditionModel(configs.unet, dtype=compute_dtype, attention=attention)
+    vae = VAEDecoder(configs.vae, dtype=compute_dtype, attention=attention)
+    text_encoder = CLIPTextModel(configs.text, dtype=compute_dtype, attention=attention)
     return AbstractModel(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        scheduler=scheduler,
-        params=_as_float32(params),
-        scaling_factor=float(configs.vae.get("scaling_factor", 0.18215)),
-        latent_channels=int(configs.vae.get("latent_channels", 4)),
-        vae_scale_factor=2 ** (len(configs.vae["block_out_channels"]) - 1),
-        text_length=int(text_config.max_position_embeddings),
-        text_width=int(text_config.hidden_size),
+        scheduler=configs.scheduler,
+        params=_as_float32(abstract_params(unet, vae, text_encoder)),
+        scaling_factor=configs.vae.scaling_factor,
+        latent_channels=configs.vae.latent_channels,
+        vae_scale_factor=configs.vae.scale_factor,
+        text_length=configs.text.max_position_embeddings,
+        text_width=configs.text.hidden_size,
     )
 
 
@@ -202,7 +188,7 @@ def make_abstract_policy(
         schedule=make_schedule(model.scheduler, num_steps),
         eta=float(eta),
         guidance_scale=float(guidance_scale),
-        prediction_type=model.scheduler.config.prediction_type,
+        prediction_type=model.scheduler.prediction_type,
     )
 
 
@@ -381,11 +367,13 @@ def plan(
     lora_rank: int = 4,
     devices: int = 1,
     phases: Sequence[str] = PHASES,
+    attention: str = "auto",
     progress: Any = None,
 ) -> list[MemoryRow]:
     """Compiles every (phase, precision, trainable, batch) cell and returns its memory row.
 
-    `progress(row)` is called after each compile (the CLI prints as it goes: SD cells take minutes).
+    `attention` is the modules' implementation (herd_jax.models.ATTENTION). `progress(row)` is
+    called after each compile (the CLI prints as it goes: SD cells take minutes).
     """
     import jax
     import jax.numpy as jnp
@@ -403,7 +391,7 @@ def plan(
     modes = [Trainable(mode=m, rank=lora_rank, alpha=float(lora_rank)) for m in trainables]
     rows = []
     for precision in precisions:
-        model = abstract_model(configs, dtypes[precision])
+        model = abstract_model(configs, dtypes[precision], attention)
         policy = make_abstract_policy(model, resolution=resolution, num_steps=num_steps)
         cells = []
         if "rollout" in phases:
@@ -489,7 +477,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phases", type=_choices(PHASES), default=list(PHASES), help="rollout,train (default both)")
     parser.add_argument(
         "--memory_efficient_attention", action="store_true",
-        help="plan with the Flax UNet's chunked (memory-efficient) attention; the trainer's loader does not set it",
+        help="plan with the models' chunked (memory-efficient) attention (load_pipeline's attention='chunked')",
     )
     parser.add_argument("--devices", type=int, default=1, help="shard the batch over N devices (CPU: N forced host devices)")
     parser.add_argument("--platform", choices=PLATFORMS, default="cpu", help="backend that compiles (default cpu)")
@@ -536,8 +524,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         configs = sd15_configs() if args.model is None else configs_from_dir(args.model)
-        if args.memory_efficient_attention:
-            configs = dataclasses.replace(configs, unet={**configs.unet, "use_memory_efficient_attention": True})
         if len(jax.devices()) < args.devices:
             raise ValueError(f"--devices {args.devices} but the {args.platform} backend has {len(jax.devices())}")
     except ValueError as e:  # includes ModelNotFoundError: one line, exit 2
@@ -562,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = plan(
         configs, resolution=args.resolution, num_steps=args.steps, batches=args.batch, train_batches=args.train_batch,
         precisions=args.precision, trainables=args.trainable, lora_rank=args.lora_rank, devices=args.devices,
-        phases=args.phases, progress=report,
+        phases=args.phases, attention="chunked" if args.memory_efficient_attention else "auto", progress=report,
     )
     print()
     print(format_table(rows))

@@ -12,7 +12,8 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from herd_jax.config import RewardConfig
 from herd_jax.rewards import RewardError, make_reward
-from herd_jax.rewards.aesthetic import ClipImageEmbedder, ClipPreprocess, clip_preprocess, load_aesthetic_head
+from herd_jax.models import CLIPVisionModel
+from herd_jax.rewards.aesthetic import ClipPreprocess, clip_preprocess, load_aesthetic_head, load_clip_embedder
 
 IMAGE_SIZE = 32  # the tiny CLIP's input; its processor resizes the shortest side to this
 PROJECTION = 768  # as ViT-L/14, so the head has the published shape
@@ -89,9 +90,8 @@ def test_jax_scores_match_pytorch(assets, reward):
     # Same pixels into both models (our preprocessing, converted), so only the models differ.
     pixels = np.asarray(clip_preprocess(jnp.asarray(x), reward.spec.preprocess))
     with torch.no_grad():
-        embed = clip.get_image_features(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2))
-        embed_jax = ClipImageEmbedder(reward.spec.vision_config, PROJECTION).apply(
-            {"params": reward.params["clip"]}, pixels)
+        embed = clip.get_image_features(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2)).pooler_output
+        embed_jax = CLIPVisionModel(reward.spec.vision_config).apply({"params": reward.params["clip"]}, pixels)
         np.testing.assert_allclose(embed_jax, embed.numpy(), atol=1e-5, rtol=1e-4)
         embed = embed / torch.linalg.vector_norm(embed, dim=-1, keepdim=True)
         want = head(embed).squeeze(1).numpy()
@@ -158,13 +158,30 @@ def test_errors_are_one_line(assets, tmp_path):
           aesthetic_head=head_path)
 
 
-def test_flax_msgpack_checkpoint_loads_the_same(assets, reward, tmp_path):
-    from transformers import FlaxCLIPModel
+def test_bin_and_flax_msgpack_checkpoints_load_the_same(assets, reward, tmp_path):
+    """The same CLIP as pytorch_model.bin, and as a Flax msgpack in FlaxCLIPModel's layout (text tower included)."""
+    from flax.serialization import to_bytes
 
-    from herd_jax.rewards.aesthetic import load_clip_embedder
+    root, clip, _ = assets
+    bin_dir, flax_dir = tmp_path / "bin", tmp_path / "flax"
+    for d in (bin_dir, flax_dir):
+        d.mkdir()
+        (d / "config.json").write_text((root / "clip" / "config.json").read_text())
+    torch.save(clip.state_dict(), bin_dir / "pytorch_model.bin")
+    text_side = {"text_model": {"final_layer_norm": {"scale": np.ones(16, np.float32)}},
+                 "text_projection": {"kernel": np.zeros((16, PROJECTION), np.float32)}, "logit_scale": np.float32(2.6)}
+    (flax_dir / "flax_model.msgpack").write_bytes(to_bytes({**jax.device_get(reward.params["clip"]), **text_side}))
+    for d in (bin_dir, flax_dir):
+        config, params, preprocess = load_clip_embedder(str(d))
+        assert config.projection_dim == PROJECTION and preprocess == ClipPreprocess(IMAGE_SIZE, IMAGE_SIZE, IMAGE_SIZE)
+        jax.tree.map(np.testing.assert_array_equal, params, reward.params["clip"])
 
-    root, _, _ = assets
-    FlaxCLIPModel.from_pretrained(root / "clip", from_pt=True).save_pretrained(tmp_path)
-    _, projection_dim, params, preprocess = load_clip_embedder(str(tmp_path))  # flax_model.msgpack only
-    assert projection_dim == PROJECTION and preprocess == ClipPreprocess(IMAGE_SIZE, IMAGE_SIZE, IMAGE_SIZE)
-    jax.tree.map(np.testing.assert_array_equal, params, reward.params["clip"])
+
+def test_clip_weights_that_do_not_fit_are_one_line(assets, tmp_path):
+    root, clip, _ = assets
+    (tmp_path / "config.json").write_text((root / "clip" / "config.json").read_text())
+    state = {k: v for k, v in clip.state_dict().items() if k != "vision_model.post_layernorm.bias"}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(RewardError, match="no tensor vision_model.post_layernorm.bias") as e:
+        load_clip_embedder(str(tmp_path))
+    assert "\n" not in str(e.value) and "pytorch_model.bin" in str(e.value)

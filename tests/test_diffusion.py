@@ -5,18 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffusers import FlaxDDIMScheduler
 
 from herd_jax import diffusion
 
 
 @pytest.fixture(scope="module")
 def schedule():
-    scheduler = FlaxDDIMScheduler(
+    config = diffusion.SchedulerConfig(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        set_alpha_to_one=False, steps_offset=1, clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
     )
-    return diffusion.make_schedule(scheduler, 10)
+    return diffusion.make_schedule(config, 10)
 
 
 def numpy_mean_std(eps, x, t, prev_t, alphas, final_alpha, eta):

@@ -113,7 +113,7 @@ def test_export_loads_in_pytorch_and_matches_flax(exported, run_dir, tiny_sd):
         context = rng.standard_normal((2, 77, 32), dtype=np.float32)
         expected = pipeline.unet(torch.from_numpy(sample), torch.from_numpy(timesteps).long(), torch.from_numpy(context)).sample.numpy()
     params = checkpoint.load_params(run_dir / "checkpoints" / "3")
-    unet = jax.jit(lambda p, x, t, c: tiny_sd.unet.apply({"params": p}, x, t, c, train=False).sample)
+    unet = jax.jit(lambda p, x, t, c: tiny_sd.unet.apply({"params": p}, x, t, c))
     got = np.asarray(unet(params, sample, timesteps, context))
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     assert np.abs(expected).mean() > 1e-2  # a non-trivial output
@@ -128,7 +128,7 @@ def test_export_keeps_the_other_components(exported):
     from herd_jax.models import tiny_model_path
 
     source = tiny_model_path()
-    for rel in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/vocab.json", "model_index.json"):
+    for rel in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "model_index.json"):
         assert (exported / rel).read_bytes() == (source / rel).read_bytes(), rel
     assert sorted(p.name for p in (exported / "unet").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
@@ -173,7 +173,7 @@ def test_export_merges_lora_adapters(tmp_path, tiny_sd):
         timesteps = np.array([500], dtype=np.int32)
         context = rng.standard_normal((1, 77, 32), dtype=np.float32)
         expected = model(torch.from_numpy(sample), torch.from_numpy(timesteps).long(), torch.from_numpy(context)).sample.numpy()
-    unet = jax.jit(lambda p, x, t, c: tiny_sd.unet.apply({"params": p}, x, t, c, train=False).sample)
+    unet = jax.jit(lambda p, x, t, c: tiny_sd.unet.apply({"params": p}, x, t, c))
     merged = np.asarray(unet(trainable.unet_params(adapters, tiny_sd.params["unet"]), sample, timesteps, context))
     np.testing.assert_allclose(merged, expected, atol=1e-4, rtol=0)
     base = np.asarray(unet(tiny_sd.params["unet"], sample, timesteps, context))

@@ -1,49 +1,60 @@
-"""Stable Diffusion v1.x in Flax: load a diffusers-format model, or build the embedded tiny one.
+"""Stable Diffusion v1.x / 2.x-base in Flax linen: our own UNet, VAE decoder and CLIP, and their loader.
 
-Importing this package silences exactly one kind of log line: the "Flax classes are deprecated"
-notice that diffusers 0.39 logs from every Flax class body and `setup` (and the matching
-transformers notice). We pin those versions on purpose (see DESIGN.md), so the notice is noise.
-It must be installed before diffusers' Flax modules are imported: their class bodies log it.
+    sd = load_pipeline("tiny")                       # or a diffusers directory / hub id
+    eps = sd.unet.apply({"params": sd.params["unet"]}, latents_nchw, timesteps, text_embeddings)
+    images = sd.vae.apply({"params": sd.params["vae"]}, latents_nchw / sd.scaling_factor)   # NCHW, ~[-1, 1]
+    hidden = sd.encode_text(sd.params["text_encoder"], sd.tokenize(["a red ball"]))
+
+Contract:
+- Modules (`UNet2DConditionModel`, `VAEDecoder`, `CLIPTextModel`, `CLIPVisionModel`) hold only
+  configuration; params are plain nested dicts with the names diffusers'/transformers' former
+  Flax classes used, so checkpoints, LoRA/filter patterns and exports key on them.
+- `attention` ("auto" | "xla" | "cudnn" | "chunked") and, for the UNet, `remat` ("none" |
+  "blocks" | "dots") are module attributes. They change memory and speed, never the params or
+  (beyond float noise) the outputs. Take a variant of a loaded module with flax's `clone`:
+      train_unet = sd.unet.clone(remat="blocks", attention="chunked")   # same sd.params["unet"]
+  or load with `load_pipeline(model, attention=..., remat=...)`. The trainer uses a remat'd
+  clone for the update and the plain module for rollouts.
+- `load_pipeline` raises `ModelNotFoundError` (one line naming the file and key or tensor) for
+  anything missing, unreadable or outside what the modules support.
+- `weights.torch_state_dict(params, "unet")` maps params back to PyTorch names (export).
+- The DDIM noise schedule is `herd_jax.diffusion.SchedulerConfig` / `make_schedule`.
+
+Why flax linen: params stay a plain pytree (the TrainState holds it, orbax saves it, optax and
+LoRA map over it by name) and modules are stateless configuration that jitted functions close
+over; NNX would put the state in the module objects.
 """
 
-import logging
-
-_DEPRECATION_PREFIXES = (
-    "Flax classes are deprecated and will be removed in Diffusers",
-    "TensorFlow and JAX classes are deprecated and will be removed in Transformers",
-)
-
-
-class _FlaxDeprecationFilter(logging.Filter):
-    """Drops the diffusers/transformers Flax deprecation notices; lets every other record through."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_DEPRECATION_PREFIXES)
-
-
-def silence_flax_deprecation() -> None:
-    """Adds the filter to the diffusers and transformers library handlers (idempotent)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library_logger in (diffusers_logging.get_logger("diffusers"), transformers_logging.get_logger("transformers")):
-        for handler in library_logger.handlers:
-            if not any(isinstance(f, _FlaxDeprecationFilter) for f in handler.filters):
-                handler.addFilter(_FlaxDeprecationFilter())
-
-
-silence_flax_deprecation()
-
-from .loading import ModelNotFoundError, StableDiffusion, load_pipeline, resolve_model_path  # noqa: E402
-from .tiny import build_tiny_model, tiny_model_path, write_bin_copy  # noqa: E402
+from .clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, clip_text_config, clip_vision_config
+from .layers import ATTENTION, REMAT, dot_product_attention
+from .loading import ModelNotFoundError, StableDiffusion, abstract_params, load_pipeline, read_configs, resolve_model_path
+from .tiny import build_tiny_model, tiny_model_path, write_bin_copy
+from .unet import UNet2DConditionModel, UNetConfig, unet_config
+from .vae import VAEConfig, VAEDecoder, vae_config
 
 __all__ = [
+    "ATTENTION",
+    "CLIPTextConfig",
+    "CLIPTextModel",
+    "CLIPVisionConfig",
+    "CLIPVisionModel",
     "ModelNotFoundError",
+    "REMAT",
     "StableDiffusion",
+    "UNet2DConditionModel",
+    "UNetConfig",
+    "VAEConfig",
+    "VAEDecoder",
+    "abstract_params",
     "build_tiny_model",
+    "clip_text_config",
+    "clip_vision_config",
+    "dot_product_attention",
     "load_pipeline",
+    "read_configs",
     "resolve_model_path",
-    "silence_flax_deprecation",
     "tiny_model_path",
+    "unet_config",
+    "vae_config",
     "write_bin_copy",
 ]

@@ -13,13 +13,14 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 import uuid
+from typing import Any
 
 __all__ = ["build_tiny_model", "tiny_model_path", "write_bin_copy", "TINY_MODEL_VERSION"]
 
 # Bump when the architecture or the build changes: a cached copy with another version is rebuilt.
-TINY_MODEL_VERSION = 2
+# v3: tokenizer files written by transformers 5 (v2's do not load there); weights identical to v2.
+TINY_MODEL_VERSION = 3
 _STAMP = "herd_jax_tiny.json"
 _CACHE_NAME = "tiny-sd-v1"
 
@@ -28,28 +29,62 @@ _CACHE_NAME = "tiny-sd-v1"
 _MERGES = (
     "t h", "th e</w>", "a n", "an d</w>", "i n", "in g</w>", "e r", "o n", "o n</w>",
     "r e", "re d</w>", "o f</w>", "e d</w>", "b l", "bl u", "blu e</w>", "g r", "gr e",
-    "gre en</w>",
 )
+# Tiny model v2 also listed the merge "gre en</w>", which no input can reach (no merge makes
+# "en</w>"); the `tokenizers` BPE behind transformers >= 5 rejects it. Its token stays in the
+# vocabulary, unreachable as before, so token ids, vocabulary size and weights are unchanged.
+_UNREACHABLE = ("green</w>",)
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _MAX_LENGTH = 77
 
 
-def _write_tokenizer_files(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """Writes a CLIP-style vocab.json / merges.txt: 256 byte chars, their `</w>` forms, merges, specials."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+def _tokenizer_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style (vocab, merges): 256 byte chars, their `</w>` forms, merged tokens, specials."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars]
-    merges = list(_MERGES)
-    tokens += ["".join(m.split()) for m in merges]
+    tokens += ["".join(m.split()) for m in _MERGES] + list(_UNREACHABLE)
     tokens += [_BOS, _EOS]
     if len(set(tokens)) != len(tokens):
         raise AssertionError("tiny tokenizer vocabulary has duplicates")
-    vocab_file = directory / "vocab.json"
-    merges_file = directory / "merges.txt"
-    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return vocab_file, merges_file
+    return {t: i for i, t in enumerate(tokens)}, [tuple(m.split()) for m in _MERGES]
+
+
+def _redraw_text_encoder_as_transformers_4(model: Any, rng_state: Any) -> None:
+    """Redraws the CLIP text encoder's weights from `rng_state` in transformers 4.x's order.
+
+    transformers 5 initialises CLIPTextModel with other draws, which would change every text
+    encoder weight of the tiny model (and the learning benchmarks tuned on it). 4.x drew, from
+    the generator state before `CLIPTextModel(config)`: at construction, each Embedding N(0, 1)
+    and each Linear's weight and bias uniformly (values overwritten below, but they advance the
+    generator); then CLIP's init: the embeddings N(0, 0.02), per layer q/k/v N(0, d^-1/2 (2L)^-1/2),
+    out N(0, d^-1/2), fc1 N(0, (2d)^-1/2), fc2 N(0, d^-1/2 (2L)^-1/2); biases 0, LayerNorms 1 and 0
+    (as transformers 5 sets them too).
+    """
+    import torch
+
+    config = model.config
+    d, layers = config.hidden_size, config.num_hidden_layers
+    params = {name.removeprefix("text_model."): p for name, p in model.named_parameters()}
+    embeddings = ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight")
+    in_std, out_std, fc_std = d**-0.5 * (2 * layers) ** -0.5, d**-0.5, (2 * d) ** -0.5
+    constructed = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+    init = (("self_attn.q_proj", in_std), ("self_attn.k_proj", in_std), ("self_attn.v_proj", in_std),
+            ("self_attn.out_proj", out_std), ("mlp.fc1", fc_std), ("mlp.fc2", in_std))
+    torch.set_rng_state(rng_state)
+    with torch.no_grad():
+        for name in embeddings:
+            torch.empty_like(params[name]).normal_()
+        for i in range(layers):
+            for name in constructed:
+                torch.empty_like(params[f"encoder.layers.{i}.{name}.weight"]).uniform_()
+                torch.empty_like(params[f"encoder.layers.{i}.{name}.bias"]).uniform_()
+        for name in embeddings:
+            params[name].normal_(0.0, 0.02)
+        for i in range(layers):
+            for name, std in init:
+                params[f"encoder.layers.{i}.{name}.weight"].normal_(0.0, std)
 
 
 def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
@@ -66,12 +101,11 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"refusing to build the tiny model into non-empty {path}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file, merges_file = _write_tokenizer_files(pathlib.Path(tmp))
-        tokenizer = CLIPTokenizer(
-            str(vocab_file), str(merges_file), unk_token=_EOS, bos_token=_BOS, eos_token=_EOS,
-            pad_token=_EOS, model_max_length=_MAX_LENGTH,
-        )
+    vocab, merges = _tokenizer_vocab()
+    tokenizer = CLIPTokenizer(
+        vocab=vocab, merges=merges, unk_token=_EOS, bos_token=_BOS, eos_token=_EOS, pad_token=_EOS,
+        model_max_length=_MAX_LENGTH,
+    )
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -101,6 +135,7 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
         sample_size=32,
         scaling_factor=0.18215,
     )
+    text_rng = torch.get_rng_state()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -116,6 +151,7 @@ def build_tiny_model(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    _redraw_text_encoder_as_transformers_4(text_encoder, text_rng)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -1,7 +1,7 @@
 """The LAION aesthetic predictor in JAX: CLIP image embedding -> linear MLP -> score (~1..10).
 
-As DDPO's ``aesthetic_score``: CLIP ViT-L/14 image features (transformers' Flax CLIP vision
-tower and visual projection), L2-normalised, then the MLP of christophschuhmann's
+As DDPO's ``aesthetic_score``: CLIP ViT-L/14 image features (our Flax CLIP vision tower and
+visual projection, ``herd_jax.models.CLIPVisionModel``), L2-normalised, then the MLP of christophschuhmann's
 improved-aesthetic-predictor (``sac+logos+ava1-l14-linearMSE.pth``; TRL mirrors it as
 ``trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth`` with the same ``layers.{0,2,4,6,7}`` keys).
 The MLP is purely linear (no activations) with dropout between the first layers (identity at
@@ -28,6 +28,7 @@ import functools
 import glob
 import json
 import os
+import pathlib
 import re
 from typing import Any, Mapping, Sequence
 
@@ -35,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax.traverse_util import flatten_dict, unflatten_dict
 
+from herd_jax.models import weights
+from herd_jax.models.clip import CLIPVisionConfig, CLIPVisionModel, clip_vision_config
 from herd_jax.rewards.base import RewardError, check_batch
 
 # The published head: Linear(768,1024) Dropout(.2) Linear(1024,128) Dropout(.2) Linear(128,64)
@@ -129,28 +131,6 @@ def clip_preprocess(images: jax.Array, pre: ClipPreprocess) -> jax.Array:
 # ----------------------------------------------------------------------------- models
 
 
-class ClipImageEmbedder(nn.Module):
-    """CLIP vision tower + visual projection = ``CLIPModel.get_image_features`` (NHWC input).
-
-    Parameter names match the PyTorch ``CLIPModel`` keys (``vision_model``, ``visual_projection``),
-    so the usual PyTorch->Flax renaming converts a checkpoint.
-    """
-
-    vision_config: Any  # transformers.CLIPVisionConfig
-    projection_dim: int
-    dtype: Any = jnp.float32
-
-    def setup(self) -> None:
-        from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionTransformer
-
-        self.vision_model = FlaxCLIPVisionTransformer(self.vision_config, dtype=self.dtype)
-        self.visual_projection = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype)
-
-    def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        pooled = self.vision_model(pixel_values=pixel_values, deterministic=True, return_dict=False)[1]
-        return self.visual_projection(pooled)
-
-
 class AestheticHead(nn.Module):
     """The LAION aesthetic MLP: linear layers (no activations), dropout after the first three.
 
@@ -173,29 +153,21 @@ class AestheticHead(nn.Module):
 class AestheticSpec:
     """The static half of the scorer: architecture and preprocessing (hashable)."""
 
-    vision_config_json: str  # CLIPVisionConfig.to_json_string()
-    projection_dim: int
+    vision_config: CLIPVisionConfig
     head_features: tuple[int, ...]
     preprocess: ClipPreprocess
-
-    @functools.cached_property
-    def vision_config(self) -> Any:
-        from transformers import CLIPVisionConfig
-
-        return CLIPVisionConfig(**json.loads(self.vision_config_json))
 
 
 def aesthetic_score(params: Params, images: jax.Array, *, spec: AestheticSpec) -> jax.Array:
     """Aesthetic score of ``uint8[B,H,W,3]`` images -> ``float32[B]``; pure and jittable.
 
     Args:
-      params: ``{"clip": ClipImageEmbedder params, "head": AestheticHead params}``.
+      params: ``{"clip": CLIPVisionModel params, "head": AestheticHead params}``.
       images: uint8 RGB images, any size (resized/cropped as CLIPImageProcessor does).
       spec: static architecture and preprocessing (bind with functools.partial before jit).
     """
     pixels = clip_preprocess(images, spec.preprocess)
-    embedder = ClipImageEmbedder(spec.vision_config, spec.projection_dim)
-    embed = embedder.apply({"params": params["clip"]}, pixels)
+    embed = CLIPVisionModel(spec.vision_config).apply({"params": params["clip"]}, pixels)
     embed = embed / jnp.linalg.norm(embed, axis=-1, keepdims=True)
     return AestheticHead(spec.head_features).apply({"params": params["head"]}, embed)[:, 0]
 
@@ -218,98 +190,61 @@ def _resolve_clip_dir(name: str) -> str:
         ) from e
 
 
-def _clip_configs(clip_dir: str) -> tuple[Any, int]:
-    """(CLIPVisionConfig, projection dim) from a CLIPModel or CLIPVisionModelWithProjection config."""
-    from transformers import AutoConfig, CLIPConfig, CLIPVisionConfig
-
+def _clip_config(clip_dir: str) -> CLIPVisionConfig:
+    """The vision tower's config from a CLIPModel or CLIPVisionModelWithProjection config.json."""
+    file = os.path.join(clip_dir, "config.json")
     try:
-        config = AutoConfig.from_pretrained(clip_dir)
-    except Exception as e:
-        raise RewardError(f"cannot read a CLIP config in {clip_dir!r}: {e}".splitlines()[0]) from e
-    if isinstance(config, CLIPConfig):  # the vision sub-config's own projection_dim is unused
-        return config.vision_config, int(config.projection_dim)
-    if isinstance(config, CLIPVisionConfig):
-        return config, int(config.projection_dim)
-    raise RewardError(f"{clip_dir!r} holds a {type(config).__name__}, not a CLIP model")
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RewardError(f"cannot read a CLIP config in {clip_dir!r}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    if config.get("model_type") not in ("clip", "clip_vision_model"):
+        raise RewardError(f"{clip_dir!r} holds a {config.get('model_type')!r} model, not a CLIP model")
+    try:
+        return clip_vision_config(config)
+    except ValueError as e:
+        raise RewardError(f"{file} {e}") from e
 
 
-def _clip_state_dict(clip_dir: str) -> dict[str, np.ndarray] | None:
-    """The vision tower + projection tensors (PyTorch names) from safetensors or .bin, else None."""
-    wanted = ("vision_model.", "visual_projection.")
-    files = sorted(glob.glob(os.path.join(clip_dir, "*.safetensors")))
-    if files:
-        from safetensors import safe_open
-
-        out = {}
-        for path in files:
-            with safe_open(path, framework="numpy") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(wanted)})
-        return out
-    files = sorted(glob.glob(os.path.join(clip_dir, "pytorch_model*.bin")))
-    if files:
-        import torch
-
-        out = {}
-        for path in files:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-            out.update({k: v.float().numpy() for k, v in sd.items() if k.startswith(wanted)})
-        return out
-    return None
+def _clip_params(clip_dir: str, config: CLIPVisionConfig) -> Params:
+    """The vision tower + projection params from safetensors, .bin or Flax msgpack files (strictly checked)."""
+    shapes = jax.eval_shape(CLIPVisionModel(config).init_params, jax.random.key(0))
+    files = sorted(glob.glob(os.path.join(clip_dir, "*.safetensors"))) or sorted(
+        glob.glob(os.path.join(clip_dir, "pytorch_model*.bin"))
+    )
+    msgpack = pathlib.Path(clip_dir, "flax_model.msgpack")
+    try:
+        if files:
+            state = {}
+            for file in files:
+                state.update(weights.read_state_dict(pathlib.Path(file)))
+            where = files[0] if len(files) == 1 else f"{clip_dir}/{os.path.basename(files[0])}..."
+            return weights.params_from_state_dict(state, shapes, "clip_vision", where, np.float32)
+        if msgpack.exists():
+            return weights.params_from_msgpack(msgpack, shapes, "clip_vision", np.float32)
+    except weights.WeightsError as e:
+        raise RewardError(str(e)) from e
+    raise RewardError(f"no CLIP weights (*.safetensors, pytorch_model*.bin, flax_model.msgpack) in {clip_dir!r}")
 
 
-def _convert_clip(state: dict[str, np.ndarray], target: Params) -> Params:
-    """PyTorch CLIP vision keys -> ClipImageEmbedder params shaped like ``target`` (strict)."""
-    from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tensor
-
-    shapes = flatten_dict(target)
-    out = {}
-    for key, tensor in state.items():
-        flax_key, value = rename_key_and_reshape_tensor(tuple(key.split(".")), tensor, shapes, "")
-        if flax_key not in shapes:
-            continue  # buffers such as position_ids
-        if value.shape != shapes[flax_key].shape:
-            raise RewardError(f"CLIP weight {key}: shape {value.shape}, expected {shapes[flax_key].shape}")
-        out[flax_key] = jnp.asarray(value, jnp.float32)
-    missing = sorted(".".join(k) for k in set(shapes) - set(out))
-    if missing:
-        raise RewardError(f"CLIP checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
-    return unflatten_dict(out)
-
-
-def load_clip_embedder(name: str) -> tuple[Any, int, Params, ClipPreprocess]:
-    """Loads CLIP's image side: (vision config, projection dim, params, preprocessing).
+def load_clip_embedder(name: str) -> tuple[CLIPVisionConfig, Params, ClipPreprocess]:
+    """Loads CLIP's image side: (vision config incl. projection width, params, preprocessing).
 
     ``name`` is a local directory (PyTorch safetensors/.bin or Flax msgpack weights, as
     ``save_pretrained`` writes) or a hub id. Only the vision tower and visual projection are
     kept in memory.
     """
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
 
     clip_dir = _resolve_clip_dir(name)
-    vision_config, projection_dim = _clip_configs(clip_dir)
-    size = vision_config.image_size
-    dummy = jnp.zeros((1, size, size, vision_config.num_channels), jnp.float32)
-    target = jax.eval_shape(
-        ClipImageEmbedder(vision_config, projection_dim).init, jax.random.key(0), dummy
-    )["params"]
-    state = _clip_state_dict(clip_dir)
-    if state is not None:
-        params = _convert_clip(state, target)
-    elif os.path.exists(os.path.join(clip_dir, "flax_model.msgpack")):
-        from transformers import FlaxCLIPModel
-
-        _, full = FlaxCLIPModel.from_pretrained(clip_dir, _do_init=False)
-        params = {"vision_model": full["vision_model"], "visual_projection": full["visual_projection"]}
-        got = {k: v.shape for k, v in flatten_dict(params).items()}
-        if got != {k: v.shape for k, v in flatten_dict(target).items()}:
-            raise RewardError(f"Flax CLIP weights in {clip_dir!r} do not match its config")
-    else:
-        raise RewardError(f"no CLIP weights (*.safetensors, pytorch_model*.bin, flax_model.msgpack) in {clip_dir!r}")
+    config = _clip_config(clip_dir)
+    params = jax.tree.map(jnp.asarray, _clip_params(clip_dir, config))
     if os.path.exists(os.path.join(clip_dir, "preprocessor_config.json")):
-        preprocess = ClipPreprocess.from_processor(CLIPImageProcessor.from_pretrained(clip_dir))
+        preprocess = ClipPreprocess.from_processor(CLIPImageProcessorPil.from_pretrained(clip_dir))
     else:
+        size = config.image_size
         preprocess = ClipPreprocess(shortest_edge=size, crop_height=size, crop_width=size)
-    return vision_config, projection_dim, params, preprocess
+    return config, params, preprocess
 
 
 _HEAD_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(weight|bias)$")
@@ -370,12 +305,12 @@ def load_aesthetic_head(path: str) -> tuple[tuple[int, ...], int, Params]:
 def load_aesthetic(clip: str, head: str) -> tuple[AestheticSpec, Params]:
     """(spec, params) for ``aesthetic_score`` from a CLIP directory/hub id and a head ``.pth``."""
     features, in_dim, head_params = load_aesthetic_head(head)
-    vision_config, projection_dim, clip_params, preprocess = load_clip_embedder(clip)
-    if in_dim != projection_dim:
+    vision_config, clip_params, preprocess = load_clip_embedder(clip)
+    if in_dim != vision_config.projection_dim:
         raise RewardError(
-            f"aesthetic head takes {in_dim}-d embeddings but CLIP {clip!r} projects to {projection_dim}"
+            f"aesthetic head takes {in_dim}-d embeddings but CLIP {clip!r} projects to {vision_config.projection_dim}"
         )
-    spec = AestheticSpec(vision_config.to_json_string(), projection_dim, features, preprocess)
+    spec = AestheticSpec(vision_config, features, preprocess)
     return spec, {"clip": clip_params, "head": head_params}
 
 
