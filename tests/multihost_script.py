@@ -35,14 +35,14 @@ if str(REPO) not in sys.path:
 FLAGS = ["--config", "configs/tiny.toml", "--config", "tests/fast.toml", "--log_with", "none", "--num_epochs", "2"]
 OVERRIDES = [
     "algorithm.name=ddpo", "sample.num_steps=2", "checkpoint.save_every=1", "checkpoint.keep=2",
-    "train.learning_rate=1e-2", "train.adam_eps=1e-4",
+    "train.learning_rate=1e-2", "train.adam_eps=1e-4", "eval.every=0",
 ]
 RESUME_MARKER = "=== multihost_script: resume ==="
 DISTRIBUTED_FLAGS = ("--coordinator_address", "--num_processes", "--process_id")
 
 
 def own_rows_update(setup, cfg):
-    """Replaces setup.steps["update"] by the same update built by `trainer.build` on this process's
+    """Replaces setup.steps.update by the same update built by `trainer.build` on this process's
     devices only, fed only this process's rows: each process steps on its own gradient."""
     import jax
     import numpy as np
@@ -68,9 +68,9 @@ def own_rows_update(setup, cfg):
     def local_copy(x):  # a replicated global array as a replicated array on this process's devices
         return jax.device_put(np.asarray(x.addressable_data(0)), parallel.replicated(local.mesh))
 
-    def update(params, opt_state, aux, batch, timesteps, key):
-        params, opt_state, info = local.steps["update"](
-            *jax.tree.map(local_copy, (params, opt_state, aux)), jax.tree.map(rows, batch), local_copy(timesteps), local_copy(key)
+    def update(params, opt_state, frozen, batch, timesteps, key):
+        params, opt_state, info = local.steps.update(
+            *jax.tree.map(local_copy, (params, opt_state, frozen)), jax.tree.map(rows, batch), local_copy(timesteps), local_copy(key)
         )
         # Back to "replicated" global arrays whose values now differ between processes (which
         # `jax.device_put` would refuse: it checks that every process passes the same value).
@@ -80,7 +80,7 @@ def own_rows_update(setup, cfg):
         )
         return jax.tree.map(to_global, params), jax.tree.map(to_global, opt_state), info
 
-    setup.steps["update"] = update
+    setup.steps = setup.steps._replace(update=update)
 
 
 def main(run_dir: str, out: str, flags: list[str]) -> None:

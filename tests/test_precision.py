@@ -43,7 +43,7 @@ def test_bf16_rollout_matches_fp32(rollouts):
     pixel_err = np.abs(np.asarray(bf16.images, int) - np.asarray(fp32.images, int))
     print(f"bf16 vs fp32: max |Δlatent| {latent_err:.3g}, relative mean |Δlatent| {latent_mean_err:.3g}, mean |Δpixel| {pixel_err.mean():.3g}")
     # Stated tolerance: same noise, 4 steps, guidance 5 (which amplifies the UNet's bf16 error);
-    # bf16 has ~3 significant digits. Measured on the tiny model: relative mean 1.5%, max 0.36.
+    # bf16 has ~3 significant digits. Measured on the tiny model: relative mean 1.5-1.7%, max 0.37.
     assert latent_mean_err < 0.03
     assert latent_err < 0.5
     assert pixel_err.mean() < 2.0
@@ -57,13 +57,13 @@ def test_bf16_log_probs_of_fp32_transitions_match_fp32(models, rollouts):
     bf16_log_probs = np.asarray(jax.jit(policy.trajectory_log_probs)(sd.params["unet"], fp32.latents, cond, uncond))
     err = np.abs(bf16_log_probs - np.asarray(fp32.log_probs))  # fp32's recorded log-probs == its recompute (test_rollout.py)
     print(f"bf16 vs fp32 log-probs of the same transitions: max |Δ| per step {err.max(axis=0)}, mean {err.mean():.3g}")
-    # Stated tolerance: max 0.1, mean 0.015, last step 0.01. Measured: max per step 2.6e-3,
-    # 2.5e-3, 4.5e-2, 8.7e-4 (the third step, t=251 → 1, has the largest std-relative error of
-    # its mean), mean 7.1e-3. For scale: the same transitions under float32 with the two prompts
+    # Stated tolerance: max 0.25, mean 0.02, last step 0.01. Measured: max per step 4.9e-3,
+    # 3.6e-3, 5.7e-2, 7.6e-4 (the third step, t=251 → 1, has the largest std-relative error of
+    # its mean), mean 6.2e-3. For scale: the same transitions under float32 with the two prompts
     # swapped differ by max 5.5e-2, mean 2.0e-2. Sensitivity, measured by breaking the code: the
-    # DDIM step in bf16 (inputs cast) gives last step 8.9e-2, mean 3.1e-2; the Gaussian
+    # DDIM step in the compute dtype (bf16) gives last step 8.9e-2, mean 3.0e-2; the Gaussian
     # log-density in bf16 gives last step 0.23, mean 6.2e-2.
-    assert err.max() < 0.1
-    assert err.mean() < 0.015
+    assert err.max() < 0.25
+    assert err.mean() < 0.02
     assert err[:, -1].max() < 0.01
     assert err.max() > 1e-4  # the recompute really ran in bf16 (the sampled log-probs agree to 5e-7)
