@@ -3,11 +3,31 @@
 JAX compiles dominate test time on 2 cores, so the persistent compilation cache lives in
 the repo's `.cache/` (ignored by git) and is shared by the test process and the
 subprocesses it starts (through the environment variables set here).
+
+The Hugging Face caches (hub, assets, modules, xet, datasets) point to a fresh directory under
+`.cache/` for each test session, removed at its end, so no test reads or writes the user's hub
+cache (`~/.cache/huggingface` or wherever their HF_HOME says); the legacy variables that would
+override them (TRANSFORMERS_CACHE, HUGGINGFACE_HUB_CACHE, ...) are removed. This runs before
+huggingface_hub, transformers or diffusers is imported: they read these variables at import.
 """
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+(REPO / ".cache").mkdir(exist_ok=True)
+HF_HOME = pathlib.Path(tempfile.mkdtemp(prefix="hf-home-", dir=REPO / ".cache"))
+atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+for var in ("TRANSFORMERS_CACHE", "PYTORCH_TRANSFORMERS_CACHE", "PYTORCH_PRETRAINED_BERT_CACHE", "HUGGINGFACE_HUB_CACHE",
+            "HUGGINGFACE_ASSETS_CACHE", "DIFFUSERS_CACHE", "HF_TOKEN_PATH"):
+    os.environ.pop(var, None)
+os.environ["HF_HOME"] = str(HF_HOME)
+for var, sub in [("HF_HUB_CACHE", "hub"), ("HF_ASSETS_CACHE", "assets"), ("HF_MODULES_CACHE", "modules"), ("HF_XET_CACHE", "xet"),
+                 ("HF_DATASETS_CACHE", "datasets")]:
+    os.environ[var] = str(HF_HOME / sub)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

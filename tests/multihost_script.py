@@ -1,35 +1,138 @@
-"""Two epochs of ddpo on the tiny model in one process of a (possibly multi-process) run.
+"""One (possibly multi-process) launch of everything tests/test_multihost.py checks.
 
-Usage: multihost_script.py OUT.npz [PROCESS_ID NUM_PROCESSES PORT]. Process 0 writes the
-per-epoch rewards and the final UNet params. Run by test_multihost.py.
+Usage: multihost_script.py RUN_DIR OUT.npz [train.py flags and overrides, e.g. the distributed
+--coordinator_address HOST:PORT --num_processes N --process_id I]
+
+1. `train.main` (train.py's CLI, given flags included: they start the multi-process run) trains
+   FLAGS/OVERRIDES into RUN_DIR: 2 epochs, a checkpoint after each.
+2. `train.main --resume RUN_DIR/checkpoints/1 --run_dir RUN_DIR_resumed`: every process restores
+   checkpoint 1 from disk, trains epoch 1 and saves checkpoint 2 again. It prints RESUME_MARKER
+   first, so the test can read this call's own output.
+3. The same 2 epochs from the same initial state, but each update runs on this process's own
+   devices and sees only this process's rows of the batch (`own_rows_update`): no gradient
+   crosses processes. Process 0 writes the final params and process/device counts to OUT.npz.
+   With one process this is the ordinary update (all rows are its own); the test checks that,
+   so with two the variant differs from a real run only by the missing reduction.
+All three share one `trainer.build` (`build_once`): every process compiles each program it runs
+(JAX's persistent compile cache is off for the multi-process test, see test_multihost.launch),
+so a second build would compile everything again.
 """
+from __future__ import annotations
+
+import dataclasses
+import pathlib
 import sys
+from unittest import mock
 
-import jax
-import numpy as np
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from herd_jax import config as config_lib
-from herd_jax import parallel
+# Settings shared by every run of test_multihost.py (and so by its compiled programs). Chosen so
+# that two AdamW steps move the params far beyond the comparison tolerance (numbers in the test):
+# lr 1e-2 (tiny.toml: 3e-4), and adam_eps 1e-4 (default 1e-8) so that float-rounding differences
+# of another all-reduce order on near-zero gradients are not blown up into ±lr Adam steps.
+FLAGS = ["--config", "configs/tiny.toml", "--config", "tests/fast.toml", "--log_with", "none", "--num_epochs", "2"]
+OVERRIDES = [
+    "algorithm.name=ddpo", "sample.num_steps=2", "checkpoint.save_every=1", "checkpoint.keep=2",
+    "train.learning_rate=1e-2", "train.adam_eps=1e-4", "eval.every=0",
+]
+RESUME_MARKER = "=== multihost_script: resume ==="
+DISTRIBUTED_FLAGS = ("--coordinator_address", "--num_processes", "--process_id")
 
-if len(sys.argv) > 2:
-    pid, count, port = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    parallel.initialize_distributed(f"127.0.0.1:{port}", count, pid)
 
-from herd_jax import trainer  # noqa: E402
+def own_rows_update(setup, cfg):
+    """Replaces setup.steps.update by the same update built by `trainer.build` on this process's
+    devices only, fed only this process's rows: each process steps on its own gradient."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
 
-cfg = config_lib.load_config(
-    ["configs/tiny.toml"],
-    [
-        "run_dir=\"/tmp/herd_jax_multihost\"", "logging.log_with=\"none\"", "checkpoint.save_every=0",
-        "algorithm.name=\"ddpo\"", "sample.num_steps=2", "sample.batch_size=4", "sample.num_batches_per_epoch=1",
-        "train.batch_size=4",
-    ],
-)
-setup, state = trainer.build(cfg)
-rewards = []
-for _ in range(2):
-    state, metrics, samples = trainer.run_epoch(setup, state)
-    rewards.append(samples.rewards)
-params = {"/".join(str(k) for k in path): np.asarray(leaf.addressable_data(0)) for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
-if parallel.is_main_process():
-    np.savez(sys.argv[1], rewards=np.stack(rewards), queries=int(np.asarray(state.reward_queries.addressable_data(0))), num_devices=len(jax.devices()), **params)
+    from herd_jax import config as config_lib
+    from herd_jax import parallel, trainer
+
+    share = jax.process_count()
+    local_cfg = config_lib.load_config(
+        [config_lib.to_dict(cfg)],
+        [f"sample.batch_size={cfg.sample.batch_size // share}", f"train.batch_size={cfg.train.batch_size // share}"],
+    )
+    local_mesh = lambda devices=None: Mesh(np.asarray(jax.local_devices()), (parallel.DATA_AXIS,))
+    with mock.patch.object(parallel, "make_mesh", local_mesh):
+        local, _ = trainer.build(local_cfg)
+    local.reward.close()
+
+    def rows(x):  # this process's rows of a batch-sharded global array, in order
+        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return jax.device_put(np.concatenate([np.asarray(s.data) for s in shards]), parallel.batch_sharded(local.mesh))
+
+    def local_copy(x):  # a replicated global array as a replicated array on this process's devices
+        return jax.device_put(np.asarray(x.addressable_data(0)), parallel.replicated(local.mesh))
+
+    def update(params, opt_state, frozen, batch, timesteps, key):
+        params, opt_state, info = local.steps.update(
+            *jax.tree.map(local_copy, (params, opt_state, frozen)), jax.tree.map(rows, batch), local_copy(timesteps), local_copy(key)
+        )
+        # Back to "replicated" global arrays whose values now differ between processes (which
+        # `jax.device_put` would refuse: it checks that every process passes the same value).
+        sharding = parallel.replicated(setup.mesh)
+        to_global = lambda x: jax.make_array_from_single_device_arrays(
+            x.shape, sharding, [jax.device_put(x.addressable_data(0), d) for d in sharding.addressable_devices]
+        )
+        return jax.tree.map(to_global, params), jax.tree.map(to_global, opt_state), info
+
+    setup.steps = setup.steps._replace(update=update)
+
+
+def main(run_dir: str, out: str, flags: list[str]) -> None:
+    import jax
+    import numpy as np
+
+    import train
+    from herd_jax import config as config_lib
+    from herd_jax import parallel, trainer
+    from herd_jax.rewards import make_reward
+
+    overrides = [f for f in flags if "=" in f and not f.startswith("-")]  # after every flag (argparse)
+    distributed = [f for f in flags if f not in overrides]
+    assert all(f in DISTRIBUTED_FLAGS for f in distributed[::2]), distributed
+    built = []
+    real_build = trainer.build
+
+    def copy(tree):  # new buffers (the update donates its inputs), through the host: no compiles
+        return jax.tree.map(
+            lambda x: jax.make_array_from_single_device_arrays(
+                x.shape, x.sharding, [jax.device_put(np.array(s.data), s.device) for s in x.addressable_shards]
+            ),
+            tree,
+        )
+
+    def build_once(cfg):
+        """The first build, then the same Setup (fresh reward, this cfg) and a copy of its initial state."""
+        if not built:
+            setup, state = real_build(cfg)
+            built.append((setup, copy(state)))
+            return setup, state
+        setup, initial = built[0]
+        without_run_dir = lambda c: dict(config_lib.to_dict(c), run_dir="")
+        assert without_run_dir(cfg) == without_run_dir(setup.cfg), "a different config would need another build"
+        return dataclasses.replace(setup, cfg=cfg, reward=make_reward(cfg.reward)), copy(initial)
+
+    with mock.patch.object(trainer, "build", build_once):
+        assert train.main([*FLAGS, "--run_dir", run_dir, *distributed, *OVERRIDES, *overrides]) == 0  # 1.
+        print(RESUME_MARKER, flush=True)  # 2. (the processes have joined already: no distributed flags)
+        resume = ["--resume", str(pathlib.Path(run_dir) / "checkpoints" / "1"), "--run_dir", f"{run_dir}_resumed"]
+        assert train.main([*FLAGS, *resume, *OVERRIDES, *overrides]) == 0
+
+    setup, initial = build_once(built[0][0].cfg)  # 3.
+    own_rows_update(setup, setup.cfg)
+    state = initial
+    for _ in range(setup.cfg.num_epochs):
+        state, _, _ = trainer.run_epoch(setup, state)
+    setup.reward.close()
+    params = {jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0)) for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+    if parallel.is_main_process():
+        np.savez(out, num_processes=jax.process_count(), num_devices=len(jax.devices()), **params)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -73,8 +73,44 @@ def test_tensorboard_has_every_scalar_each_epoch(tensorboard):
         assert per_prompt, "no per-prompt reward means"
         for key, value in per_prompt.items():
             assert scalars[_tb_tag(key)][epoch] == np.float32(value), key
-        # The per-prompt means average back to the epoch's mean reward (each prompt weighted by its count).
-        assert min(per_prompt.values()) <= history[epoch]["reward/mean"] <= max(per_prompt.values())
+
+
+def _grid_cells(grid: np.ndarray, n: int, size: int = 32, border: int = 2) -> np.ndarray:
+    """The n images of a metrics.image_grid (row-major, 2 px borders), back out of the grid."""
+    ncols = (grid.shape[1] - border) // (size + border)
+    at = lambda k: border + k * (size + border)
+    return np.stack([grid[at(i // ncols) : at(i // ncols) + size, at(i % ncols) : at(i % ncols) + size] for i in range(n)])
+
+
+def test_logged_reward_means_are_those_of_the_logged_samples(tensorboard, runs):
+    """reward/prompt/<p>, reward/mean and reward/std against the epoch's samples, re-scored here.
+
+    The grid (PNG: lossless) holds every sample of the epoch (4 <= 16) and the captions their
+    prompts; each cell is scored again with the run's reward function and the per-prompt means
+    are recomputed from those scores, independently of the trainer's bookkeeping.
+    """
+    from herd_jax import config as config_lib
+    from herd_jax.rewards import make_reward
+
+    history, _, images, texts = tensorboard
+    run_dir, _ = runs.straight
+    reward = make_reward(config_lib.load_config([run_dir / "config.toml"]).reward)
+    for epoch in range(NUM_EPOCHS):
+        grid = np.asarray(Image.open(io.BytesIO(images[("rollout/images", epoch)].encoded_image_string)).convert("RGB"))
+        lines = texts[("rollout/images/captions/text_summary", epoch)].strip().splitlines()
+        prompts, captioned = zip(*(CAPTION.match(line.split(". ", 1)[1]).groups() for line in lines))
+        rescored = reward(_grid_cells(grid, SAMPLES), list(prompts)).astype(np.float64)
+        # Each caption's reward is its own image's (printed to 3 decimals).
+        np.testing.assert_allclose(rescored, np.asarray(captioned, float), rtol=0, atol=5e-4 + 1e-6)
+        prompts = np.asarray(prompts)
+        expected = {f"reward/prompt/{p}": rescored[prompts == p].mean() for p in set(prompts)}
+        logged = {k: v for k, v in history[epoch].items() if k.startswith("reward/prompt/")}
+        assert sorted(logged) == sorted(expected), epoch
+        for key, value in expected.items():  # float32 rewards averaged in float32 vs float64 here
+            assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (key, epoch)
+        assert history[epoch]["reward/mean"] == pytest.approx(rescored.mean(), rel=1e-6, abs=1e-7)
+        assert history[epoch]["reward/std"] == pytest.approx(rescored.std(), rel=1e-5, abs=1e-7)
+    reward.close()
 
 
 def test_tensorboard_image_grid_with_captions(tensorboard, runs):

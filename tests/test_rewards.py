@@ -65,23 +65,45 @@ def test_check_batch():
 # ----------------------------------------------------------------------------- jpeg
 
 
-def pil_kb(image):
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=95)
-    return len(buf.getvalue()) / 1000
+def ddpo_jpeg_kb(image, quality=95):
+    """DDPO's definition, written out (kvablack/ddpo-pytorch rewards.py jpeg_incompressibility):
+    the image saved by PIL as a quality-95 JPEG, its length in bytes / 1000."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+    return len(buffer.getvalue()) / 1000
 
 
-def test_jpeg_matches_pil_and_is_monotone():
-    flat = solid((120, 130, 140), size=64)
-    noisy = RNG.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
-    images = np.concatenate([flat, noisy])
-    comp = make_reward(RewardConfig(name="jpeg_compressibility"))(images, ["x", "y"])
-    incomp = make_reward(RewardConfig(name="jpeg_incompressibility"))(images, ["x", "y"])
-    assert comp.dtype == np.float32 and comp.shape == (2,)
-    np.testing.assert_allclose(incomp, [pil_kb(flat[0]), pil_kb(noisy[0])], rtol=1e-6)
-    np.testing.assert_array_equal(comp, -incomp)
-    assert comp[0] > comp[1]  # the flat image is more compressible
-    assert incomp[1] > 3 * incomp[0]
+def jpeg_test_images():
+    """Flat, smooth, noisy and half-noisy images at the tiny model's 32 px and at 64 px."""
+    ramp = np.linspace(0, 255, 32, dtype=np.float32)
+    smooth = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], 255 - ramp[:, None]), -1).astype(np.uint8)
+    noisy = RNG.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    half = noisy[3].copy()
+    half[:16] = 128
+    small = [solid((120, 130, 140))[0], smooth, noisy[0], half]
+    large = [solid((10, 200, 30), size=64)[0], RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+    return np.stack(small), np.stack(large)
+
+
+def test_jpeg_rewards_are_ddpo_jpeg_sizes():
+    comp_fn = make_reward(RewardConfig(name="jpeg_compressibility"))
+    incomp_fn = make_reward(RewardConfig(name="jpeg_incompressibility"))
+    for images in jpeg_test_images():
+        prompts = [f"prompt {i}" for i in range(len(images))]
+        expected = np.asarray([ddpo_jpeg_kb(image) for image in images], np.float32)
+        incomp, comp = incomp_fn(images, prompts), comp_fn(images, prompts)
+        assert incomp.dtype == comp.dtype == np.float32 and incomp.shape == (len(images),)
+        np.testing.assert_array_equal(incomp, expected)  # exact: an integer byte count / 1000
+        np.testing.assert_array_equal(comp, -expected)
+        # The prompt is ignored, and each image is scored on its own (not as part of a batch).
+        np.testing.assert_array_equal(incomp_fn(images, ["other"] * len(images)), expected)
+        np.testing.assert_array_equal(np.concatenate([incomp_fn(images[i : i + 1], ["x"]) for i in range(len(images))]), expected)
+        # The comparison can tell DDPO's quality 95 from another (e.g. PIL's default 75).
+        assert all(ddpo_jpeg_kb(image, quality=75) != e for image, e in zip(images, expected))
+    small, large = jpeg_test_images()
+    sizes = incomp_fn(small, ["x"] * len(small))
+    assert sizes[0] < sizes[1] < sizes[3] < sizes[2]  # flat < smooth < half noise < noise
+    assert comp_fn(large, ["x", "y"])[0] > comp_fn(large, ["x", "y"])[1]  # the flat image is more compressible
 
 
 # ----------------------------------------------------------------------------- color
