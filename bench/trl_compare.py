@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.set_num_threads for TRL, comma-separated for one TRL worker each, e.g. 'default,1'; "
                         "ratios are taken against the fastest TRL worker")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 4, alpha 4, attention q/k/v/out) on both sides instead of the full UNet")
-    p.add_argument("--model", default=None, help="diffusers SD directory both load (default: herd-jax's tiny model)")
+    p.add_argument("--model", default=None,
+                   help="diffusers SD directory both load (default: herd-jax's tiny model; 'second': the second tiny shape, built in bench/out/)")
     p.add_argument("--trl_python", default=os.environ.get("TRL_PYTHON", str(DEFAULT_TRL_PYTHON)), help="python of the TRL environment")
     p.add_argument("--worker", choices=["herd", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
@@ -257,6 +258,37 @@ class Worker:
             self.proc.wait(timeout=60)
 
 
+SECOND_SHAPE = REPO / "bench" / "out" / "tiny-sd-second-shape"
+
+
+def second_shape() -> pathlib.Path:
+    """A second tiny SD, shaped unlike the embedded one: 2 resnet + transformer layers per block
+    (tiny: 1), widths 48/96 (32/64), 4 and 6 heads of 12 and 16 dims (4 heads of 8/16),
+    16 norm groups; the tiny model's VAE, text encoder, tokenizer and schedule. Written once
+    (diffusers, PyTorch safetensors) into bench/out/."""
+    import shutil
+
+    if (SECOND_SHAPE / "unet" / "config.json").is_file():
+        return SECOND_SHAPE
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from herd_jax.models.tiny import tiny_model_path
+
+    staging = SECOND_SHAPE.with_name(SECOND_SHAPE.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(tiny_model_path(), staging, ignore=shutil.ignore_patterns("unet", "herd_jax_tiny.json"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(48, 96), layers_per_block=2, attention_head_dim=(4, 6), norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+    )
+    unet.save_pretrained(staging / "unet", safe_serialization=True)
+    staging.rename(SECOND_SHAPE)
+    return SECOND_SHAPE
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     if not pathlib.Path(args.trl_python).exists():
         print(f"error: no TRL environment at {args.trl_python}; run `bash bench/setup_trl_env.sh` first", file=sys.stderr)
@@ -268,6 +300,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         from herd_jax.models.tiny import tiny_model_path
 
         args.model = str(tiny_model_path())
+    elif args.model == "second":
+        args.model = str(second_shape())
     settings = {
         "model": args.model, "steps": args.steps, "batch": args.batch, "batches": args.batches,
         "train_batch": args.train_batch or args.batch, "prompts": load_prompts("animals"), "lora": args.lora,

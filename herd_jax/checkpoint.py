@@ -338,7 +338,7 @@ def _leaf_layout(tree: Any) -> list[tuple[tuple[int, ...], str]]:
 
 
 # Keys that never change the state's layout: left out when naming what differs.
-_LAYOUT_NEUTRAL = ("run_dir", "num_epochs", "seed", "logging.", "checkpoint.", "reward.")
+_LAYOUT_NEUTRAL = ("run_dir", "num_epochs", "seed", "logging.", "checkpoint.", "reward.", "model_options.", "parallel.")
 
 
 def _layout_message(checkpoints: Checkpoints, step: int, cfg: config_lib.Config | None) -> str:

@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
             "overrides:\n"
             "  Any config key can be set as SECTION.KEY=VALUE after the flags, e.g.\n"
             "    sample.batch_size=8 sample.num_steps=20 train.learning_rate=3e-5 num_epochs=50\n"
-            "  Sections: sample, train, reward, algorithm, ddpg, herd, dpok, grpo, logging, checkpoint\n"
+            "  Sections: sample, train, model_options, parallel, reward, algorithm, ddpg, herd, dpok, grpo, eval, logging, checkpoint\n"
             "  (configs/base.toml lists every key with its default).\n"
             "  Precedence: built-in defaults < --config files < flags < overrides.\n\n"
             "algorithms:\n"

@@ -52,6 +52,7 @@ class TrainConfig:
     batch_size: int = 4  # samples per optimizer update (minibatch)
     num_inner_epochs: int = 1
     timestep_fraction: float = 1.0  # fraction of each trajectory's steps trained on
+    timestep_batch: int = 1  # timesteps one gradient call stacks along the batch (at most: the largest divisor of the trained steps); same update, faster on small models, activation memory grows with it
     estimator: Literal["is", "sf"] = "is"  # "is": clipped importance sampling; "sf": score function (on-policy only)
     clip_range: float = 1e-4  # ε of the ratio clip: PPO's (ddpo, ddpg, herd, grpo) and DPOK's clamp
     adv_clip: float = 5.0
@@ -125,6 +126,22 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class ModelOptions:
+    """How the models compute and store their weights (none of it changes the params or, beyond float noise, the results)."""
+
+    attention: Literal["auto", "xla", "cudnn", "chunked"] = "auto"  # auto: cuDNN flash attention on a GPU in bf16, else XLA; chunked: memory-efficient (long sequences on TPU/CPU)
+    remat: Literal["none", "blocks", "dots"] = "blocks"  # UNet rematerialisation in the train step (rollouts never need it): blocks recomputes each resnet/transformer block in the backward pass (~1.3x the step's FLOPs; SD v1.5 at 512 px does not fit a GPU without it); none: fastest where memory allows
+    frozen_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype the frozen copies are stored in: VAE, the LoRA base UNet, the pretrained UNet of ddpg/dpok/grpo with KL
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    """How the devices share the work: the batch is always split over the `data` mesh axis."""
+
+    fsdp: bool = False  # also shard UNet params, gradients and optimizer state (and the frozen UNet copies) over `data` (FSDP/ZeRO-3); XLA gathers each weight where it is used
+
+
+@dataclasses.dataclass
 class Config:
     """Everything a run needs; saved beside each checkpoint."""
 
@@ -134,6 +151,8 @@ class Config:
     seed: int = 0
     num_epochs: int = 100
     precision: Literal["fp32", "bf16"] = "fp32"  # fp32 | bf16: compute dtype of rollouts and training (params, log-probs stay float32)
+    model_options: ModelOptions = dataclasses.field(default_factory=ModelOptions)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
@@ -285,6 +304,7 @@ def validate(cfg: Config, num_devices: int) -> None:
         ("train.num_inner_epochs", t.num_inner_epochs),
         ("train.stats_window", t.stats_window),
         ("train.lora_rank", t.lora_rank),
+        ("train.timestep_batch", t.timestep_batch),
         ("train.learning_rate", t.learning_rate),
     ]:
         require(value > 0, f"{key} must be positive, got {value}")

@@ -1,10 +1,13 @@
 """Memory planning without a GPU: compile the rollout and the train step for abstract shapes.
 
 Builds the SD v1.5 modules (or any diffusers directory's, `--model`) from their configs alone,
-gets the parameter shapes with `jax.eval_shape(init)` (no weights, no memory), lowers and
-compiles the exact jitted functions the trainer runs — the guided DDIM rollout with VAE decode,
-and `train_on_batch` with the DDPO loss (full fine-tune or LoRA, float32 or bf16 compute over
-float32 master params) — and prints XLA's `compiled.memory_analysis()` per device.
+gets the parameter shapes with `jax.eval_shape(init)` (no weights, no memory), and lowers and
+compiles, with abstract inputs, the functions the trainer's own builders return:
+`trainer.make_rollout` (the guided DDIM rollout with VAE decode) and `trainer.make_update` (the
+one-program update GPUs and TPUs run, with the DDPO plug-in's loss through the training
+policy), under the trainer's options — `precision` (compute dtype over float32 master params),
+`train.trainable` (full fine-tune, LoRA, filter), `model_options.attention`/`remat`/
+`frozen_dtype` and `parallel.fsdp` — and prints XLA's `compiled.memory_analysis()` per device.
 
 What the numbers are: XLA's buffer assignment for this HLO on the backend that compiled it
 (XLA:CPU by default). A GPU or TPU compiles the same program with other fusions, layouts and
@@ -15,9 +18,9 @@ before JAX starts its backend and shards the batch over a `data` mesh of N host 
 the figures are per device.
 
 Examples:
-  python -m herd_jax.memory_plan                      # SD v1.5, 512 px, 50 steps, batch 1,4
-  python -m herd_jax.memory_plan --full               # batch 1,2,4,8 (slow: one compile per cell)
-  python -m herd_jax.memory_plan --devices 4 --batch 4,8 --train_batch 4 --json plan.json
+  python -m herd_jax.memory_plan                      # SD v1.5, 512 px, 50 steps, batch 1,4, the trainer's defaults
+  python -m herd_jax.memory_plan --phases train --trainable lora --train_batch 4 --attention chunked --remat none,blocks
+  python -m herd_jax.memory_plan --devices 8 --fsdp --phases train --trainable all --train_batch 32 --attention chunked
   python -m herd_jax.memory_plan --model tiny --resolution 32 --steps 4
 """
 from __future__ import annotations
@@ -38,6 +41,11 @@ from typing import Any
 GiB = 1024**3
 PLATFORMS = ("cpu", "gpu", "tpu")
 PHASES = ("rollout", "train")
+# herd_jax.config.ModelOptions' choices (tests/test_memory_plan.py checks they agree), here so
+# that parsing the command line imports no JAX before --devices is applied.
+ATTENTION = ("auto", "xla", "cudnn", "chunked")
+REMAT = ("none", "blocks", "dots")
+FROZEN_DTYPES = ("float32", "bfloat16")
 
 # Stable Diffusion v1.5 (runwayml/stable-diffusion-v1-5) configs, as in its config.json files
 # (keys left out take diffusers' defaults, as the loader's readers do).
@@ -209,13 +217,41 @@ def tree_size(tree: Any) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class Cell:
+    """One program to plan: which phase, at what batch, under which trainer options."""
+
+    phase: str  # "rollout" | "train"
+    precision: str  # "fp32" | "bf16": compute dtype (master params are float32)
+    trainable: str  # "all" | "lora" | "filter" | "-" (rollout)
+    batch: int  # global batch (rollout: images; train: samples per minibatch)
+    attention: str = "auto"  # model_options.attention
+    remat: str = "blocks"  # model_options.remat (train only)
+    frozen_dtype: str = "float32"  # model_options.frozen_dtype
+    fsdp: bool = False  # parallel.fsdp
+
+    def config(self, *, num_steps: int, lora_rank: int) -> Any:
+        """The trainer config this cell runs: DDPO, one inner epoch, one minibatch, every timestep
+        trained, the one-program (`scan`) update that GPUs and TPUs run."""
+        from herd_jax import config as config_lib
+
+        return config_lib.load_config([], [{
+            "algorithm": {"name": "ddpo"},
+            "precision": self.precision,
+            "sample": {"num_steps": num_steps, "batch_size": self.batch, "num_batches_per_epoch": 1},
+            "train": {
+                "trainable": "all" if self.trainable == "-" else self.trainable, "lora_rank": lora_rank, "lora_alpha": float(lora_rank),
+                "batch_size": self.batch, "num_inner_epochs": 1, "timestep_fraction": 1.0, "update_loop": "scan",
+            },
+            "model_options": {"attention": self.attention, "remat": self.remat, "frozen_dtype": self.frozen_dtype},
+            "parallel": {"fsdp": self.fsdp},
+        }])
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryRow:
     """One compiled program's per-device memory analysis (bytes) and how long it took to build."""
 
-    phase: str  # "rollout" | "train"
-    precision: str  # "fp32" | "bf16" (compute dtype; params are float32)
-    trainable: str  # "all" | "lora" | "filter" | "-" (rollout)
-    batch: int  # global batch (rollout: images; train: samples per minibatch)
+    cell: Cell
     devices: int
     argument: int
     output: int
@@ -223,8 +259,8 @@ class MemoryRow:
     temp: int
     code: int
     peak: int  # XLA's heap-simulated peak (0 where the backend does not report it)
-    trained_params: int  # bytes of the trainable pytree (train rows)
-    opt_state: int  # bytes of the optimizer state (train rows)
+    trained_params: int  # bytes of the trainable pytree, all devices together (train rows)
+    opt_state: int  # bytes of the optimizer state, all devices together (train rows)
     lower_s: float
     compile_s: float
 
@@ -234,15 +270,12 @@ class MemoryRow:
         return self.argument + self.output - self.alias + self.temp + self.code
 
 
-def _row(phase, precision, trainable, batch, devices, compiled, lower_s, compile_s, trained=0, opt=0) -> MemoryRow:
+def _row(cell: Cell, devices: int, compiled: Any, lower_s: float, compile_s: float, trained: int = 0, opt: int = 0) -> MemoryRow:
     stats = compiled.memory_analysis()
     if stats is None:
         raise RuntimeError("this backend returns no memory analysis")
     return MemoryRow(
-        phase=phase,
-        precision=precision,
-        trainable=trainable,
-        batch=batch,
+        cell=cell,
         devices=devices,
         argument=int(stats.argument_size_in_bytes),
         output=int(stats.output_size_in_bytes),
@@ -280,131 +313,133 @@ def _abstract_key() -> Any:
     return jax.eval_shape(lambda: jax.random.PRNGKey(0))
 
 
-def plan_rollout(model: AbstractModel, policy: Any, batch: int, mesh: Any, precision: str) -> MemoryRow:
-    """Compiles the trainer's sharded rollout (guided DDIM scan + VAE decode) for `batch` images."""
+def _abstract_frozen(model: AbstractModel, cfg: Any, batch: int, needs_pretrained: bool) -> Any:
+    """The trainer's `Frozen` (`trainer.make_frozen`: frozen dtype, LoRA base) as ShapeDtypeStructs."""
     import jax
     import jax.numpy as jnp
 
-    from herd_jax import parallel
-    from herd_jax.algorithms.api import Frozen
-    from herd_jax.trainer import make_rollout
+    from herd_jax import trainer
 
-    parallel.check_divisible(batch, mesh, "rollout batch")
     embed = lambda n: jax.ShapeDtypeStruct((n, model.text_length, model.text_width), jnp.float32)
-    frozen = Frozen(vae=model.params["vae"], goal_embeds=embed(batch), uncond=embed(1), base=None, pretrained=None)
-    ids = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    compiled, lower_s, compile_s = _compile(
-        make_rollout(policy, mesh), model.params["unet"], frozen, ids, _abstract_key()
-    )
-    return _row("rollout", precision, "-", batch, mesh.size, compiled, lower_s, compile_s)
+    make = functools.partial(trainer.make_frozen, cfg, needs_pretrained=needs_pretrained)
+    return jax.eval_shape(make, model.params, embed(batch), embed(1))
 
 
-def plan_train(
-    model: AbstractModel, policy: Any, batch: int, mesh: Any, precision: str, trainable: Any
-) -> MemoryRow:
-    """Compiles the trainer's update: one inner epoch, one minibatch of `batch` samples, every timestep.
+def plan_rollout(model: AbstractModel, policy: Any, cell: Cell, mesh: Any) -> MemoryRow:
+    """Compiles the trainer's rollout (`trainer.make_rollout`: guided DDIM scan + VAE decode) for `cell.batch` images."""
+    import jax
+    import jax.numpy as jnp
 
-    The DDPO loss (clipped ratio) through `Trainable.wrap_loss`/`optimizer`, AdamW behind
-    global-norm clipping, params and optimizer state donated, the batch sharded on `data`.
+    from herd_jax import parallel, trainer
+
+    parallel.check_divisible(cell.batch, mesh, "rollout batch")
+    cfg = cell.config(num_steps=policy.num_steps, lora_rank=1)
+    frozen = _abstract_frozen(model, cfg, cell.batch, needs_pretrained=False)
+    unet_at = parallel.param_shardings(model.params["unet"], mesh, cell.fsdp)
+    rollout = trainer.make_rollout(policy, mesh, unet_at, trainer.frozen_shardings(frozen, mesh, cell.fsdp))
+    ids = jax.ShapeDtypeStruct((cell.batch,), jnp.int32)
+    compiled, lower_s, compile_s = _compile(rollout, model.params["unet"], frozen, ids, _abstract_key())
+    return _row(cell, mesh.size, compiled, lower_s, compile_s)
+
+
+def plan_train(model: AbstractModel, policy: Any, cell: Cell, mesh: Any, lora_rank: int = 4) -> MemoryRow:
+    """Compiles the trainer's update (`trainer.make_update`, the one-program `scan` update) on one
+    minibatch of `cell.batch` samples, every timestep: the DDPO plug-in's loss through the
+    training policy (remat), `Trainable`, AdamW, params and optimizer state donated, FSDP or
+    replicated as the cell says, the batch sharded on `data`.
     """
     import jax
     import jax.numpy as jnp
 
-    from herd_jax import parallel
-    from herd_jax.algorithms import ddpo
-    from herd_jax.algorithms.api import Batch, Frozen
-    from herd_jax.train_step import make_optimizer, train_on_batch
+    from herd_jax import parallel, trainer
+    from herd_jax.algorithms.api import Batch
+    from herd_jax.train_step import UpdateShardings
 
-    parallel.check_divisible(batch, mesh, "train batch")
-    base = model.params["unet"]
-    trained = jax.eval_shape(lambda b: trainable.init(b, jax.random.PRNGKey(0)), base)
-    optimizer = trainable.optimizer(make_optimizer(1e-5), trained)
+    parallel.check_divisible(cell.batch, mesh, "train batch")
+    cfg = cell.config(num_steps=policy.num_steps, lora_rank=lora_rank)
+    algorithm = trainer.make_algorithm(cfg, trainer.training_policy(policy, cfg), ("",), (model.text_length, model.text_width))
+    trainable = trainer.make_trainable(cfg)
+    trained = jax.eval_shape(lambda base: trainable.init(base, jax.random.PRNGKey(0)), model.params["unet"])
+    optimizer = trainer.make_train_optimizer(cfg, trainable, trained)
     opt_state = jax.eval_shape(optimizer.init, trained)
-    uncond = jax.ShapeDtypeStruct((1, model.text_length, model.text_width), jnp.float32)
-    aux = Frozen(vae=None, goal_embeds=None, uncond=uncond, base=base if trainable.mode == "lora" else None, pretrained=None)
+    frozen = _abstract_frozen(model, cfg, 1, algorithm.needs_pretrained)
+    shardings = UpdateShardings(
+        params=parallel.param_shardings(trained, mesh, cell.fsdp),
+        opt_state=parallel.param_shardings(opt_state, mesh, cell.fsdp),
+        frozen=trainer.frozen_shardings(frozen, mesh, cell.fsdp),
+    )
+    update = trainer.make_update(cfg, algorithm, trainable, optimizer, mesh, shardings)
     steps = policy.num_steps
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    train_batch = Batch(
-        latents=f32(batch, steps + 1, *policy.latent_shape),
-        log_probs=f32(batch, steps),
-        cond=f32(batch, model.text_length, model.text_width),
-        advantages=f32(batch, steps),
-        weights=f32(batch),
-    )
-    update = functools.partial(
-        train_on_batch,
-        trainable.wrap_loss(ddpo.make_loss(policy)),
-        optimizer,
-        num_inner_epochs=1,
-        minibatch_size=batch,
-        num_train_timesteps=steps,
-        mesh=mesh,
-    )
-    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    jitted = jax.jit(
-        update,
-        in_shardings=(replicated, replicated, replicated, sharded, replicated, replicated),
-        out_shardings=replicated,
-        donate_argnums=(0, 1),
+    batch = Batch(
+        latents=f32(cell.batch, steps + 1, *policy.latent_shape),
+        log_probs=f32(cell.batch, steps),
+        cond=f32(cell.batch, model.text_length, model.text_width),
+        advantages=f32(cell.batch, steps),
+        weights=f32(cell.batch),
     )
     timesteps = jax.ShapeDtypeStruct((steps,), jnp.int32)
-    compiled, lower_s, compile_s = _compile(jitted, trained, opt_state, aux, train_batch, timesteps, _abstract_key())
-    return _row(
-        "train", precision, trainable.mode, batch, mesh.size, compiled, lower_s, compile_s,
-        trained=tree_bytes(trained), opt=tree_bytes(opt_state),
-    )
+    compiled, lower_s, compile_s = _compile(update, trained, opt_state, frozen, batch, timesteps, _abstract_key())
+    return _row(cell, mesh.size, compiled, lower_s, compile_s, trained=tree_bytes(trained), opt=tree_bytes(opt_state))
 
 
 def plan(
     configs: ModelConfigs,
+    cells: Sequence[Cell],
     *,
     resolution: int,
     num_steps: int,
-    batches: Sequence[int],
-    train_batches: Sequence[int],
-    precisions: Sequence[str] = ("fp32", "bf16"),
-    trainables: Sequence[str] = ("all", "lora"),
     lora_rank: int = 4,
     devices: int = 1,
-    phases: Sequence[str] = PHASES,
-    attention: str = "auto",
     progress: Any = None,
 ) -> list[MemoryRow]:
-    """Compiles every (phase, precision, trainable, batch) cell and returns its memory row.
-
-    `attention` is the modules' implementation (herd_jax.models.ATTENTION). `progress(row)` is
-    called after each compile (the CLI prints as it goes: SD cells take minutes).
-    """
+    """Compiles every cell and returns its memory row. `progress(row)` is called after each
+    compile (the CLI prints as it goes: SD cells take minutes)."""
     import jax
     import jax.numpy as jnp
 
     from herd_jax import parallel
-    from herd_jax.trainable import Trainable
 
-    dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-    unknown = [p for p in precisions if p not in dtypes]
-    if unknown:
-        raise ValueError(f"unknown precision {unknown[0]!r}; choose from fp32, bf16")
     if devices > len(jax.devices()):
         raise ValueError(f"--devices {devices} but JAX sees {len(jax.devices())} device(s)")
     mesh = parallel.make_mesh(jax.devices()[:devices])
-    modes = [Trainable(mode=m, rank=lora_rank, alpha=float(lora_rank)) for m in trainables]
+    dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
     rows = []
-    for precision in precisions:
-        model = abstract_model(configs, dtypes[precision], attention)
+    for cell in cells:
+        model = abstract_model(configs, dtypes[cell.precision], cell.attention)
         policy = make_abstract_policy(model, resolution=resolution, num_steps=num_steps)
-        cells = []
-        if "rollout" in phases:
-            cells += [functools.partial(plan_rollout, model, policy, b, mesh, precision) for b in batches]
-        if "train" in phases:
-            cells += [
-                functools.partial(plan_train, model, policy, b, mesh, precision, t) for t in modes for b in train_batches
-            ]
-        for cell in cells:
-            rows.append(cell())
-            if progress is not None:
-                progress(rows[-1])
+        if cell.phase == "rollout":
+            rows.append(plan_rollout(model, policy, cell, mesh))
+        else:
+            rows.append(plan_train(model, policy, cell, mesh, lora_rank))
+        if progress is not None:
+            progress(rows[-1])
     return rows
+
+
+def grid(
+    *,
+    batches: Sequence[int],
+    train_batches: Sequence[int],
+    precisions: Sequence[str] = ("fp32", "bf16"),
+    trainables: Sequence[str] = ("all", "lora"),
+    phases: Sequence[str] = PHASES,
+    attentions: Sequence[str] = ("auto",),
+    remats: Sequence[str] = ("blocks",),
+    frozen_dtypes: Sequence[str] = ("float32",),
+    fsdp: bool = False,
+) -> list[Cell]:
+    """Every combination of the options (remat and trainable only for train cells)."""
+    import itertools
+
+    cells = []
+    for precision, attention, frozen in itertools.product(precisions, attentions, frozen_dtypes):
+        common = dict(precision=precision, attention=attention, frozen_dtype=frozen, fsdp=fsdp)
+        if "rollout" in phases:
+            cells += [Cell("rollout", trainable="-", batch=b, **common) for b in batches]
+        if "train" in phases:
+            cells += [Cell("train", trainable=t, batch=b, remat=r, **common) for r in remats for t in trainables for b in train_batches]
+    return cells
 
 
 def model_summary(configs: ModelConfigs) -> dict[str, dict[str, int]]:
@@ -415,22 +450,22 @@ def model_summary(configs: ModelConfigs) -> dict[str, dict[str, int]]:
     return {name: {"params": tree_size(tree), "bytes": tree_bytes(tree)} for name, tree in model.params.items()}
 
 
-_COLUMNS = ("phase", "prec", "train", "batch", "dev", "args", "out", "alias", "temp", "code", "total", "trained", "opt", "compile s")
+_COLUMNS = ("phase", "prec", "train", "batch", "dev", "attention", "remat", "frozen", "fsdp", "args", "out-alias", "temp", "total", "compile s")
 
 
 def format_table(rows: Sequence[MemoryRow]) -> str:
-    """A Markdown table of rows, sizes in GiB per device."""
+    """A Markdown table of rows, sizes in GiB per device (batch: global)."""
     gib = lambda b: f"{b / GiB:.2f}" if b == 0 or b >= 0.1 * GiB else f"{b / GiB:.3f}"
     lines = [
         "| " + " | ".join(_COLUMNS) + " |",
-        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(_COLUMNS))) + "|",
+        "|" + "|".join("---" if i < 9 and i != 3 and i != 4 else "---:" for i in range(len(_COLUMNS))) + "|",
     ]
     for r in rows:
-        train_only = lambda b: gib(b) if r.phase == "train" else "-"
+        c = r.cell
         cells = (
-            r.phase, r.precision, r.trainable, str(r.batch), str(r.devices), gib(r.argument), gib(r.output),
-            gib(r.alias), gib(r.temp), gib(r.code), gib(r.total),
-            train_only(r.trained_params), train_only(r.opt_state), f"{r.lower_s + r.compile_s:.0f}",
+            c.phase, c.precision, c.trainable, str(c.batch), str(r.devices), c.attention, c.remat if c.phase == "train" else "-",
+            {"float32": "fp32", "bfloat16": "bf16"}[c.frozen_dtype], "on" if c.fsdp else "off",
+            gib(r.argument), gib(r.output - r.alias), gib(r.temp), f"**{gib(r.total)}**", f"{r.lower_s + r.compile_s:.0f}",
         )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -475,10 +510,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trainable", type=_choices(("all", "lora", "filter")), default=["all", "lora"], help="trainable subsets (default all,lora)")
     parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank (default 4)")
     parser.add_argument("--phases", type=_choices(PHASES), default=list(PHASES), help="rollout,train (default both)")
-    parser.add_argument(
-        "--memory_efficient_attention", action="store_true",
-        help="plan with the models' chunked (memory-efficient) attention (load_pipeline's attention='chunked')",
-    )
+    parser.add_argument("--attention", type=_choices(ATTENTION), default=["auto"], help="model_options.attention values (default auto)")
+    parser.add_argument("--remat", type=_choices(REMAT), default=["blocks"], help="model_options.remat values, train cells (default blocks)")
+    parser.add_argument("--frozen_dtype", type=_choices(FROZEN_DTYPES), default=["float32"], help="model_options.frozen_dtype values (default float32)")
+    parser.add_argument("--fsdp", action="store_true", help="parallel.fsdp: shard params, gradients, optimizer state and frozen UNet copies over the devices")
     parser.add_argument("--devices", type=int, default=1, help="shard the batch over N devices (CPU: N forced host devices)")
     parser.add_argument("--platform", choices=PLATFORMS, default="cpu", help="backend that compiles (default cpu)")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the rows and metadata as JSON")
@@ -535,21 +570,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{name} {s['params'] / 1e6:.1f}M params ({s['bytes'] / GiB:.2f} GiB fp32)" for name, s in summary.items()
     ))
     print(
-        f"{args.resolution} px, {args.steps} DDIM steps, CFG on (two UNet passes per step), every step trained, "
-        f"{'memory-efficient' if args.memory_efficient_attention else 'plain'} attention; "
+        f"{args.resolution} px, {args.steps} DDIM steps, CFG on (two UNet passes per step), every step trained; "
         f"{args.devices} device(s) on {backend}, {os.cpu_count()} host cores. Compiling each cell (may take minutes)...",
         flush=True,
     )
-    report = lambda r: print(
-        f"  {r.phase} {r.precision} {r.trainable} batch {r.batch}: total {r.total / GiB:.2f} GiB, "
-        f"compiled in {r.lower_s + r.compile_s:.0f} s (lower {r.lower_s:.0f} s)", flush=True
-    )
+    report = lambda r: print(f"  {r.cell}: total {r.total / GiB:.2f} GiB, compiled in {r.lower_s + r.compile_s:.0f} s (lower {r.lower_s:.0f} s)", flush=True)
     started = time.perf_counter()
-    rows = plan(
-        configs, resolution=args.resolution, num_steps=args.steps, batches=args.batch, train_batches=args.train_batch,
-        precisions=args.precision, trainables=args.trainable, lora_rank=args.lora_rank, devices=args.devices,
-        phases=args.phases, attention="chunked" if args.memory_efficient_attention else "auto", progress=report,
+    cells = grid(
+        batches=args.batch, train_batches=args.train_batch, precisions=args.precision, trainables=args.trainable, phases=args.phases,
+        attentions=args.attention, remats=args.remat, frozen_dtypes=args.frozen_dtype, fsdp=args.fsdp,
     )
+    rows = plan(configs, cells, resolution=args.resolution, num_steps=args.steps, lora_rank=args.lora_rank, devices=args.devices, progress=report)
     print()
     print(format_table(rows))
     print()
@@ -565,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "resolution": args.resolution,
             "steps": args.steps,
             "devices": args.devices,
-            "memory_efficient_attention": args.memory_efficient_attention,
+            "command": "python -m herd_jax.memory_plan " + " ".join(sys.argv[1:] if argv is None else argv),
             "params": summary,
             "note": NOTE.format(backend=backend),
         }

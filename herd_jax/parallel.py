@@ -1,4 +1,12 @@
-"""Device mesh and shardings: the batch is split over a `data` axis, params are replicated."""
+"""Device mesh and shardings: the batch is split over a `data` axis; params are replicated, or
+sharded over the same axis (FSDP, `parallel.fsdp`).
+
+FSDP (ZeRO-3 style): every large array of the UNet's params, gradients, optimizer state and
+frozen copies is split along one of its axes over the `data` devices, so each device holds 1/n
+of them; inside a jitted step the SPMD partitioner all-gathers a weight where it is used and
+reduce-scatters its gradient. The rule depends only on an array's shape, so params, gradients
+and the AdamW moments of the same param get the same sharding.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -23,6 +31,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over `data`, the rest replicated."""
     return NamedSharding(mesh, P(DATA_AXIS))
+
+
+# Arrays with fewer elements stay replicated under FSDP: biases and norm scales (at most a few
+# thousand elements) cost more to gather than they save.
+FSDP_MIN_SIZE = 1024
+
+
+def fsdp_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> NamedSharding:
+    """The largest axis of `shape` that the `data` axis divides, split over it; replicated when
+    no axis divides or the array has fewer than `min_size` elements."""
+    n = mesh.shape[DATA_AXIS]
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return replicated(mesh)
+    divisible = [i for i, size in enumerate(shape) if size % n == 0]
+    if not divisible:
+        return replicated(mesh)
+    axis = max(divisible, key=lambda i: (shape[i], -i))
+    return NamedSharding(mesh, P(*([None] * axis + [DATA_AXIS])))
+
+
+def param_shardings(tree: Any, mesh: Mesh, fsdp: bool) -> Any:
+    """Shardings of a params-like pytree (params, gradients, optimizer state, frozen copies):
+    `fsdp_sharding` of each leaf's shape, or replicated everywhere without FSDP."""
+    if fsdp:
+        return jax.tree.map(lambda x: fsdp_sharding(tuple(x.shape), mesh), tree)
+    return jax.tree.map(lambda _: replicated(mesh), tree)
 
 
 def check_divisible(batch_size: int, mesh: Mesh, what: str) -> None:

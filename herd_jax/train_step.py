@@ -8,7 +8,7 @@ jitted function of (params, opt_state, batch, key): one dispatch per sampled bat
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,14 @@ Params = Any
 
 # loss(params, frozen, transition) -> (loss, info); `frozen` (api.Frozen) holds what is not trained.
 LossFn = api.LossFn
+
+
+class UpdateShardings(NamedTuple):
+    """Where the update's state lives: pytrees of NamedShardings (herd_jax.parallel.param_shardings)."""
+
+    params: Any  # of the trainable params, and of their gradients
+    opt_state: Any
+    frozen: Any  # of the api.Frozen argument
 
 
 def make_optimizer(
@@ -42,19 +50,44 @@ def make_optimizer(
     )
 
 
-def _transitions(batch: Batch, timesteps: jax.Array, time_perm: jax.Array, j: jax.Array) -> api.Transition:
-    """The j-th shuffled timestep of each sample; time_perm is int32[b, T]."""
-    idx = time_perm[:, j]
-    rows = jnp.arange(idx.shape[0])
+def _transitions(batch: Batch, timesteps: jax.Array, time_perm: jax.Array, j: jax.Array, count: int = 1) -> api.Transition:
+    """The shuffled timesteps j·count … j·count + count − 1 of each sample, stacked along the batch
+    axis sample-major (so a batch split over devices stays split the same way): [b·count, ...].
+    time_perm is int32[b, T]."""
+    idx = jax.lax.dynamic_slice_in_dim(time_perm, j * count, count, axis=1)  # [b, count]
+    rows = jnp.arange(idx.shape[0])[:, None]
+    flat = lambda x: x.reshape(-1, *x.shape[2:])
+    repeat = lambda x: jnp.repeat(x, count, axis=0)
     return api.Transition(
-        x_t=batch.latents[rows, idx],
-        x_prev=batch.latents[rows, idx + 1],
-        t=timesteps[idx],
-        old_log_prob=batch.log_probs[rows, idx],
-        cond=batch.cond,
-        advantages=batch.advantages[rows, idx],
-        weights=batch.weights,
+        x_t=flat(batch.latents[rows, idx]),
+        x_prev=flat(batch.latents[rows, idx + 1]),
+        t=flat(timesteps[idx]),
+        old_log_prob=flat(batch.log_probs[rows, idx]),
+        cond=repeat(batch.cond),
+        advantages=flat(batch.advantages[rows, idx]),
+        weights=repeat(batch.weights),
     )
+
+
+def timestep_chunk(num_train_timesteps: int, timestep_batch: int) -> int:
+    """How many timesteps one gradient call stacks: the largest divisor of `num_train_timesteps`
+    not above `timestep_batch` (so every call has the same shape)."""
+    return max(d for d in range(1, min(num_train_timesteps, timestep_batch) + 1) if num_train_timesteps % d == 0)
+
+
+def _summed(loss_fn: LossFn, count: int) -> LossFn:
+    """`loss_fn` on `count` stacked timesteps, as the sum of their per-timestep losses.
+
+    The loss is a (weighted) mean over the transition's rows, with the same weights at every
+    timestep, so count × the mean over stacked rows is the sum of the per-timestep means: the
+    accumulated gradient is the same whether timesteps are stacked or not. info["loss"] is the mean.
+    """
+
+    def loss(params, frozen, transition):
+        value, info = loss_fn(params, frozen, transition)
+        return count * value, dict(info, loss=value)
+
+    return loss
 
 
 def _shuffle(batch: Batch, key: jax.Array, minibatch_size: int) -> tuple[Batch, jax.Array]:
@@ -81,13 +114,20 @@ def train_on_batch(
     num_inner_epochs: int,
     minibatch_size: int,
     num_train_timesteps: int,
+    timestep_batch: int = 1,
     mesh: Mesh | None = None,
+    grad_shardings: Any = None,
 ) -> tuple[Params, optax.OptState, dict[str, jax.Array]]:
     """Runs the inner epochs of updates on one batch; returns new params, opt state and mean info.
 
     Pure and jit-able (all sizes are static). `timesteps` is the sampling schedule, int32[T].
+    `grad_shardings` (the params' shardings) pins the accumulated gradient, so under FSDP it
+    stays sharded like the params instead of being replicated on every device. Each gradient
+    call covers `timestep_chunk(num_train_timesteps, timestep_batch)` timesteps stacked.
     """
     num_samples = batch.log_probs.shape[0]
+    chunk = timestep_chunk(num_train_timesteps, timestep_batch)
+    summed = _summed(loss_fn, chunk)
     if num_samples % minibatch_size:
         raise ValueError(f"batch of {num_samples} samples is not a multiple of the train batch size {minibatch_size}")
 
@@ -96,18 +136,20 @@ def train_on_batch(
             return x
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, DATA_AXIS)))
 
+    def pin(grads):
+        return grads if grad_shardings is None else jax.lax.with_sharding_constraint(grads, grad_shardings)
+
     def minibatch_update(carry, minibatch_and_perm):
         params, opt_state = carry
         minibatch, time_perm = minibatch_and_perm
 
         def accumulate(grads, j):
-            transition = _transitions(minibatch, timesteps, time_perm, j)
-            (loss, info), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, transition)
-            info = dict(info, loss=loss)
-            return jax.tree.map(jnp.add, grads, g), info
+            transition = _transitions(minibatch, timesteps, time_perm, j, chunk)
+            (_, info), g = jax.value_and_grad(summed, has_aux=True)(params, frozen, transition)
+            return pin(jax.tree.map(jnp.add, grads, g)), info
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, infos = jax.lax.scan(accumulate, zeros, jnp.arange(num_train_timesteps))
+        zeros = pin(jax.tree.map(jnp.zeros_like, params))
+        grads, infos = jax.lax.scan(accumulate, zeros, jnp.arange(num_train_timesteps // chunk))
         grads = jax.tree.map(lambda g: g / num_train_timesteps, grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -133,7 +175,8 @@ class HostLoopUpdate:
     `lax.scan` lowers to) are not rewritten into YNNPACK fusions and run 4-6x slower than the same
     gradient outside a loop (bench/throughput.py). Same keys, permutations and arithmetic as
     `train_on_batch`; results agree up to float summation order. Nothing crosses to the host but
-    the dispatches: the accumulated gradient is donated from step to step.
+    the dispatches: the accumulated gradient is donated from step to step. `shardings` (with a
+    `mesh`) says where params, gradients and optimizer state live; default replicated.
     """
 
     def __init__(
@@ -144,9 +187,14 @@ class HostLoopUpdate:
         num_inner_epochs: int,
         minibatch_size: int,
         num_train_timesteps: int,
+        timestep_batch: int = 1,
         mesh: Mesh | None = None,
+        shardings: UpdateShardings | None = None,
     ):
-        self.num_inner_epochs, self.minibatch_size, self.num_train_timesteps = num_inner_epochs, minibatch_size, num_train_timesteps
+        self.num_inner_epochs, self.minibatch_size = num_inner_epochs, minibatch_size
+        chunk = timestep_chunk(num_train_timesteps, timestep_batch)
+        self.num_calls = num_train_timesteps // chunk  # gradient calls per minibatch
+        summed = _summed(loss_fn, chunk)
 
         def prepare(batch: Batch, key: jax.Array):
             out = jax.vmap(lambda k: _shuffle(batch, k, minibatch_size))(jax.random.split(key, num_inner_epochs))
@@ -156,9 +204,9 @@ class HostLoopUpdate:
 
         def accumulate(grads, params, frozen, minibatches, time_perms, timesteps, e, m, j):
             minibatch = jax.tree.map(lambda x: x[e, m], minibatches)
-            transition = _transitions(minibatch, timesteps, time_perms[e, m], j)
-            (loss, info), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, transition)
-            return jax.tree.map(jnp.add, grads, g), dict(info, loss=loss)
+            transition = _transitions(minibatch, timesteps, time_perms[e, m], j, chunk)
+            (_, info), g = jax.value_and_grad(summed, has_aux=True)(params, frozen, transition)
+            return jax.tree.map(jnp.add, grads, g), info
 
         def apply(params, opt_state, grads):
             grads = jax.tree.map(lambda g: g / num_train_timesteps, grads)
@@ -166,11 +214,12 @@ class HostLoopUpdate:
             return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
 
         replicated = None if mesh is None else NamedSharding(mesh, P())
+        params_at, opt_at = (replicated, replicated) if shardings is None else (shardings.params, shardings.opt_state)
         self.jitted = {
             "prepare": jax.jit(prepare),
-            "accumulate": jax.jit(accumulate, donate_argnums=0, out_shardings=replicated),
-            "apply": jax.jit(apply, donate_argnums=(0, 1), out_shardings=replicated),
-            "zeros": jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree), out_shardings=replicated),
+            "accumulate": jax.jit(accumulate, donate_argnums=0, out_shardings=(params_at, replicated)),
+            "apply": jax.jit(apply, donate_argnums=(0, 1), out_shardings=(params_at, opt_at, replicated)),
+            "zeros": jax.jit(lambda tree: jax.tree.map(jnp.zeros_like, tree), out_shardings=params_at),
             "mean": jax.jit(lambda infos: jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *infos)),
         }
 
@@ -183,7 +232,7 @@ class HostLoopUpdate:
         for e in range(self.num_inner_epochs):
             for m in range(batch.log_probs.shape[0] // self.minibatch_size):
                 grads, step_infos = f["zeros"](params), []
-                for j in range(self.num_train_timesteps):
+                for j in range(self.num_calls):
                     grads, info = f["accumulate"](grads, params, frozen, minibatches, time_perms, timesteps, e, m, j)
                     step_infos.append(info)
                 params, opt_state, grad_norm = f["apply"](params, opt_state, grads)

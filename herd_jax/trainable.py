@@ -73,13 +73,17 @@ class Trainable:
         return adapters
 
     def unet_params(self, trainable: Params, base: Params | None) -> Params:
-        """The UNet's params for the policy: `trainable` itself, or `base` with the adapters merged in."""
+        """The UNet's params for the policy: `trainable` itself, or `base` with the adapters merged in.
+
+        A merged kernel takes the wider of the two dtypes: over a bfloat16 base
+        (`model_options.frozen_dtype`) the float32 adapters' small updates are not rounded away.
+        """
         if self.mode != "lora":
             return trainable
         scale = self.alpha / self.rank
         flat = _paths(base)
         for path, ab in trainable.items():
-            flat[path] = flat[path] + scale * (ab["a"] @ ab["b"]).astype(flat[path].dtype)
+            flat[path] = flat[path] + scale * (ab["a"] @ ab["b"])
         return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
     def wrap_loss(self, loss_fn: Any) -> Any:

@@ -29,7 +29,7 @@ from herd_jax.algorithms.api import Algorithm, Context, Experience, Frozen, Quer
 from herd_jax.diffusion import Policy, Trajectory, make_policy
 from herd_jax.prompts import load_prompts
 from herd_jax.trainable import Trainable
-from herd_jax.train_step import HostLoopUpdate, make_optimizer, train_on_batch
+from herd_jax.train_step import HostLoopUpdate, UpdateShardings, make_optimizer, train_on_batch
 
 Params = Any
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -93,21 +93,127 @@ def encode_prompts(sd: Any, prompts: Sequence[str], negative_prompt: str) -> tup
     return embeds[:-1], embeds[-1:]
 
 
-def make_rollout(policy: Policy, mesh: jax.sharding.Mesh) -> Callable[..., Trajectory]:
+def make_rollout(
+    policy: Policy, mesh: jax.sharding.Mesh, unet_shardings: Any = None, frozen_shardings: Frozen | None = None
+) -> Callable[..., Trajectory]:
     """jit(rollout) with the batch (prompt ids in, trajectories out) split over the mesh's `data` axis.
 
-    The returned function takes (unet_params, frozen: Frozen, prompt_ids int32[B], key).
+    The returned function takes (unet_params, frozen: Frozen, prompt_ids int32[B], key). The
+    params and frozen inputs are where the shardings say (`param_shardings`, `frozen_shardings`;
+    default replicated): under FSDP the partitioner gathers each weight where it is used.
     """
 
     def rollout(unet_params, frozen: Frozen, prompt_ids, key):
         return policy.rollout(unet_params, frozen.vae, frozen.goal_embeds[prompt_ids], frozen.uncond, key)
 
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(rollout, in_shardings=(replicated, replicated, sharded, replicated), out_shardings=sharded)
+    unet_at = replicated if unet_shardings is None else unet_shardings
+    frozen_at = replicated if frozen_shardings is None else frozen_shardings
+    return jax.jit(rollout, in_shardings=(unet_at, frozen_at, sharded, replicated), out_shardings=sharded)
 
 
-def build(cfg: config_lib.Config) -> tuple[Setup, TrainState]:
-    """Loads models, builds the algorithm, compiled functions and the initial state. Raises one-line errors."""
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def training_policy(policy: Policy, cfg: config_lib.Config) -> Policy:
+    """The policy the losses differentiate: the rollout's, its UNet rematerialised per
+    `model_options.remat` (same params and outputs; less memory, more FLOPs in the backward pass)."""
+    return dataclasses.replace(policy, unet=policy.unet.clone(remat=cfg.model_options.remat))
+
+
+def make_algorithm(cfg: config_lib.Config, policy: Policy, prompts: Sequence[str], cond_shape: tuple[int, int]) -> Algorithm:
+    """The configured algorithm for `policy` (the training policy) and prompt embeddings of shape [L, D]."""
+    samples = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
+    item = Experience(
+        latents=jax.ShapeDtypeStruct((samples, cfg.sample.num_steps + 1, *policy.latent_shape), jnp.float32),
+        log_probs=jax.ShapeDtypeStruct((samples, cfg.sample.num_steps), jnp.float32),
+        goal=jax.ShapeDtypeStruct((samples,), jnp.int32),
+        cond=jax.ShapeDtypeStruct((samples, *cond_shape), jnp.float32),
+        reward=jax.ShapeDtypeStruct((samples,), jnp.float32),
+    )
+    return algorithms.get(cfg.algorithm.name).make(Context(cfg, policy, tuple(prompts), samples, item))
+
+
+def make_trainable(cfg: config_lib.Config) -> Trainable:
+    t = cfg.train
+    return Trainable(t.trainable, t.trainable_pattern, t.lora_rank, t.lora_alpha)
+
+
+def make_train_optimizer(cfg: config_lib.Config, trainable: Trainable, params: Params) -> optax.GradientTransformation:
+    """AdamW behind grad-norm clipping with the `train` settings, on what `trainable` trains."""
+    t = cfg.train
+    inner = make_optimizer(t.learning_rate, b1=t.adam_beta1, b2=t.adam_beta2, eps=t.adam_eps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
+    return trainable.optimizer(inner, params)
+
+
+def make_frozen(cfg: config_lib.Config, params: dict[str, Params], goal_embeds: jax.Array, uncond: jax.Array, *, needs_pretrained: bool) -> Frozen:
+    """The frozen inputs: the VAE and the UNet copies (LoRA base, pretrained) cast to
+    `model_options.frozen_dtype` (one copy when both are needed). Pure: memory_plan runs it under eval_shape."""
+    dtype = DTYPES[cfg.model_options.frozen_dtype]
+    cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)
+    lora = cfg.train.trainable == "lora"
+    unet = cast(params["unet"]) if lora or needs_pretrained else None
+    return Frozen(
+        vae=cast(params["vae"]),
+        goal_embeds=goal_embeds,
+        uncond=uncond,
+        base=unet if lora else None,
+        pretrained=unet if needs_pretrained else None,
+    )
+
+
+def frozen_shardings(frozen: Frozen, mesh: jax.sharding.Mesh, fsdp: bool) -> Frozen:
+    """Shardings of the frozen inputs: the UNet copies like the params (FSDP or replicated), the rest replicated."""
+    return Frozen(
+        vae=parallel.param_shardings(frozen.vae, mesh, False),
+        goal_embeds=parallel.replicated(mesh),
+        uncond=parallel.replicated(mesh),
+        base=parallel.param_shardings(frozen.base, mesh, fsdp),
+        pretrained=parallel.param_shardings(frozen.pretrained, mesh, fsdp),
+    )
+
+
+def make_update(
+    cfg: config_lib.Config,
+    algorithm: Algorithm,
+    trainable: Trainable,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    shardings: UpdateShardings,
+) -> Callable[..., Any]:
+    """The policy update the trainer runs: (params, opt_state, frozen, batch, timesteps, key) ->
+    (params, opt_state, info). The algorithm's own `update`, else the shared update on
+    `trainable.wrap_loss(algorithm.loss)`: `HostLoopUpdate` or one jitted `train_on_batch`
+    (`train.update_loop`), with params and optimizer state donated and kept where `shardings` say.
+    """
+    if algorithm.update is not None:
+        return algorithm.update
+    t = cfg.train
+    sizes = dict(
+        num_inner_epochs=t.num_inner_epochs,
+        minibatch_size=t.batch_size,
+        num_train_timesteps=max(1, int(cfg.sample.num_steps * t.timestep_fraction)),
+        timestep_batch=t.timestep_batch,
+        mesh=mesh,
+    )
+    loss = trainable.wrap_loss(algorithm.loss)
+    if update_loop(t.update_loop) == "host":
+        return HostLoopUpdate(loss, optimizer, **sizes, shardings=shardings)
+    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    return jax.jit(
+        functools.partial(train_on_batch, loss, optimizer, **sizes, grad_shardings=shardings.params),
+        in_shardings=(shardings.params, shardings.opt_state, shardings.frozen, sharded, replicated, replicated),
+        out_shardings=(shardings.params, shardings.opt_state, replicated),
+        donate_argnums=(0, 1),
+    )
+
+
+def build(cfg: config_lib.Config, sd: Any = None) -> tuple[Setup, TrainState]:
+    """Loads models, builds the algorithm, compiled functions and the initial state. Raises one-line errors.
+
+    `sd`: an already loaded `herd_jax.models.StableDiffusion` instead of `cfg.model` (bench/sd15.py's
+    random SD v1.5).
+    """
     from herd_jax.metrics import make_logger
     from herd_jax.models import load_pipeline
     from herd_jax.rewards import make_reward
@@ -115,72 +221,40 @@ def build(cfg: config_lib.Config) -> tuple[Setup, TrainState]:
     mesh = parallel.make_mesh()
     config_lib.validate(cfg, mesh.shape[parallel.DATA_AXIS])
     prompts = load_prompts(cfg.prompts)
-    sd = load_pipeline(cfg.model, compute_dtype=PRECISIONS[cfg.precision])
+    if sd is None:
+        sd = load_pipeline(cfg.model, compute_dtype=PRECISIONS[cfg.precision], attention=cfg.model_options.attention)
     policy = make_policy(sd, num_steps=cfg.sample.num_steps, eta=cfg.sample.eta, guidance_scale=cfg.sample.guidance_scale)
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    samples = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
+    fsdp = cfg.parallel.fsdp
 
     prompt_embeds, uncond = encode_prompts(sd, prompts, cfg.sample.negative_prompt)
-    item = Experience(
-        latents=jax.ShapeDtypeStruct((samples, cfg.sample.num_steps + 1, *policy.latent_shape), jnp.float32),
-        log_probs=jax.ShapeDtypeStruct((samples, cfg.sample.num_steps), jnp.float32),
-        goal=jax.ShapeDtypeStruct((samples,), jnp.int32),
-        cond=jax.ShapeDtypeStruct((samples, *prompt_embeds.shape[1:]), jnp.float32),
-        reward=jax.ShapeDtypeStruct((samples,), jnp.float32),
-    )
-    algorithm = algorithms.get(cfg.algorithm.name).make(Context(cfg, policy, tuple(prompts), samples, item))
+    algorithm = make_algorithm(cfg, training_policy(policy, cfg), prompts, prompt_embeds.shape[1:])
     goals = list(prompts) + list(algorithm.extra_goals)
     if algorithm.extra_goals:
         prompt_embeds = jnp.concatenate([prompt_embeds, encode_prompts(sd, algorithm.extra_goals, "")[0]])
 
-    t = cfg.train
-    trainable = Trainable(t.trainable, t.trainable_pattern, t.lora_rank, t.lora_alpha)
-    frozen = parallel.replicate(
-        Frozen(
-            vae=sd.params["vae"],
-            goal_embeds=prompt_embeds,
-            uncond=uncond,
-            base=sd.params["unet"] if t.trainable == "lora" else None,
-            pretrained=sd.params["unet"] if algorithm.needs_pretrained else None,
-        ),
-        mesh,
-    )
+    frozen = make_frozen(cfg, sd.params, prompt_embeds, uncond, needs_pretrained=algorithm.needs_pretrained)
+    frozen_at = frozen_shardings(frozen, mesh, fsdp)
+    frozen = jax.device_put(frozen, frozen_at)
+    trainable = make_trainable(cfg)
     trainable_params = trainable.init(sd.params["unet"], jax.random.PRNGKey(cfg.seed + 2))
-    optimizer = trainable.optimizer(
-        make_optimizer(t.learning_rate, b1=t.adam_beta1, b2=t.adam_beta2, eps=t.adam_eps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm),
-        trainable_params,
-    )
+    optimizer = make_train_optimizer(cfg, trainable, trainable_params)
     state = init_state(cfg, trainable_params, optimizer, algorithm, len(goals), mesh)
-
-    sizes = dict(
-        num_inner_epochs=t.num_inner_epochs,
-        minibatch_size=t.batch_size,
-        num_train_timesteps=max(1, int(cfg.sample.num_steps * t.timestep_fraction)),
-        mesh=mesh,
+    shardings = UpdateShardings(
+        params=jax.tree.map(lambda x: x.sharding, state.params), opt_state=jax.tree.map(lambda x: x.sharding, state.opt_state), frozen=frozen_at
     )
-    loss = trainable.wrap_loss(algorithm.loss)
-    if algorithm.update is not None:
-        update = algorithm.update
-    elif update_loop(t.update_loop) == "host":
-        update = HostLoopUpdate(loss, optimizer, **sizes)
-    else:
-        update = jax.jit(
-            functools.partial(train_on_batch, loss, optimizer, **sizes),
-            in_shardings=(replicated, replicated, replicated, sharded, replicated, replicated),
-            out_shardings=replicated,
-            donate_argnums=(0, 1),
-        )
+    unet_at = parallel.param_shardings(sd.params["unet"], mesh, fsdp)
     algorithm_shardings = algorithm.shardings(state.algorithm, mesh)
     steps = Steps(
-        rollout=make_rollout(policy, mesh),
-        unet_params=jax.jit(trainable.unet_params),
+        rollout=make_rollout(policy, mesh, unet_at, frozen_at),
+        unet_params=jax.jit(trainable.unet_params, out_shardings=unet_at),
         queries=jax.jit(algorithm.queries),
         prepare=jax.jit(
             algorithm.prepare,
             out_shardings=(sharded, algorithm_shardings, replicated, replicated),
             donate_argnums=(0,),
         ),
-        update=update,
+        update=make_update(cfg, algorithm, trainable, optimizer, mesh, shardings),
         finish=jax.jit(algorithm.finish, out_shardings=algorithm_shardings, donate_argnums=(0,)),
     )
     e = cfg.eval
@@ -205,6 +279,16 @@ def build(cfg: config_lib.Config) -> tuple[Setup, TrainState]:
     return setup, state
 
 
+def state_shardings(abstract: TrainState, algorithm: Algorithm, mesh: jax.sharding.Mesh, fsdp: bool) -> TrainState:
+    """Where each part of the state lives: params and optimizer state replicated or FSDP-sharded
+    (`parallel.fsdp`), the algorithm's state as it says, the rest replicated."""
+    return jax.tree.map(lambda _: parallel.replicated(mesh), abstract).replace(
+        params=parallel.param_shardings(abstract.params, mesh, fsdp),
+        opt_state=parallel.param_shardings(abstract.opt_state, mesh, fsdp),
+        algorithm=algorithm.shardings(abstract.algorithm, mesh),
+    )
+
+
 def init_state(cfg: config_lib.Config, params: Params, optimizer: optax.GradientTransformation, algorithm: Algorithm,
                num_goals: int, mesh: jax.sharding.Mesh) -> TrainState:
     """The initial TrainState, built as big_vision does: eval_shape → shardings → jit(out_shardings)."""
@@ -221,8 +305,8 @@ def init_state(cfg: config_lib.Config, params: Params, optimizer: optax.Gradient
         )
 
     abstract = jax.eval_shape(make, params)
-    shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract).replace(algorithm=algorithm.shardings(abstract.algorithm, mesh))
-    return jax.jit(make, out_shardings=shardings)(parallel.replicate(params, mesh))
+    shardings = state_shardings(abstract, algorithm, mesh, cfg.parallel.fsdp)
+    return jax.jit(make, out_shardings=shardings)(jax.device_put(params, shardings.params))
 
 
 def score(setup: Setup, images: np.ndarray, goal_ids: Sequence[int]) -> np.ndarray:

@@ -38,6 +38,10 @@ def test_two_epoch_run_on_tiny_model(tmp_path):
         (["--config", "configs/tiny.toml", "--prompts", "EMPTY"], r"holds no prompts"),
         (["--config", "configs/tiny.toml", "--prompts", "/no/such/prompts.txt"], r"neither a built-in set"),
         (["--config", "/no/such/config.toml"], r"config file not found"),
+        (["--config", "configs/tiny.toml", "model_options.remat=all"], r"model_options.remat='all' is not one of: none, blocks, dots"),
+        (["--config", "configs/tiny.toml", "model_options.attention=flash"], r"model_options.attention='flash' is not one of: auto, xla, cudnn, chunked"),
+        (["--config", "configs/tiny.toml", "model_options.frozen_dtype=float16"], r"model_options.frozen_dtype='float16' is not one of: float32, bfloat16"),
+        (["--config", "configs/tiny.toml", "parallel.fsdp=maybe"], r"parallel.fsdp must be bool"),
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, argv, pattern):

@@ -9,25 +9,22 @@ STEPS = 2
 RESOLUTION = 32
 
 
+CELLS = {
+    **{("rollout", p, b): mp.Cell("rollout", p, "-", b) for p in ("fp32", "bf16") for b in (1, 4)},
+    ("train", "all"): mp.Cell("train", "fp32", "all", 2, remat="none"),
+    ("train", "all", "blocks"): mp.Cell("train", "fp32", "all", 2, remat="blocks"),
+    ("train", "lora"): mp.Cell("train", "fp32", "lora", 2, remat="none", frozen_dtype="bfloat16"),
+}
+
+
 @pytest.fixture(scope="module")
 def rows():
-    """Six small compiles: rollout fp32/bf16 at batch 1 and 4, train step full vs LoRA at batch 1."""
-    from herd_jax import parallel
+    """Seven small compiles of the trainer's own rollout and update on the tiny model's configs."""
     from herd_jax.models import tiny_model_path
-    from herd_jax.trainable import Trainable
 
     configs = mp.configs_from_dir(tiny_model_path())
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    out = {}
-    for precision, dtype in [("fp32", jnp.float32), ("bf16", jnp.bfloat16)]:
-        model = mp.abstract_model(configs, dtype)
-        policy = mp.make_abstract_policy(model, resolution=RESOLUTION, num_steps=STEPS)
-        for batch in (1, 4):
-            out["rollout", precision, batch] = mp.plan_rollout(model, policy, batch, mesh, precision)
-        if precision == "fp32":
-            for mode in ("all", "lora"):
-                out["train", mode] = mp.plan_train(model, policy, 1, mesh, precision, Trainable(mode=mode, rank=2))
-    return out
+    planned = mp.plan(configs, list(CELLS.values()), resolution=RESOLUTION, num_steps=STEPS, lora_rank=2)
+    return dict(zip(CELLS, planned))
 
 
 def test_abstract_params_are_float32_master_params():
@@ -72,6 +69,15 @@ def test_bf16_activations_are_smaller(rows):
     assert bf16_growth < 0.8 * fp32_growth
     # Params stay float32 in both: identical argument bytes.
     assert rows["rollout", "bf16", 1].argument == rows["rollout", "fp32", 1].argument
+
+
+def test_remat_and_bf16_frozen_copies_need_less(rows):
+    plain, remat = rows["train", "all"], rows["train", "all", "blocks"]
+    assert remat.argument == plain.argument and remat.temp < plain.temp  # fewer activations kept for the backward pass
+    params = mp.abstract_model(mp.configs_from_dir("tiny"), jnp.float32).params
+    frozen = mp.tree_bytes(params["unet"]) + mp.tree_bytes(params["vae"])
+    lora = rows["train", "lora"]
+    assert lora.argument - lora.trained_params - lora.opt_state < 0.6 * frozen  # base UNet and VAE in bf16: half their float32 bytes
 
 
 def test_table_and_cli_errors(rows, capsys):

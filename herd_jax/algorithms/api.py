@@ -66,7 +66,8 @@ class Transition(NamedTuple):
 
 
 class Frozen(NamedTuple):
-    """What the policy needs besides its trained params; replicated, never updated."""
+    """What the policy needs besides its trained params; never updated. Replicated, except the
+    UNet copies under `parallel.fsdp`; the VAE and UNet copies in `model_options.frozen_dtype`."""
 
     vae: Params
     goal_embeds: jax.Array  # f32[G, L, D]  text embedding of every goal id
@@ -83,7 +84,9 @@ class Queries(NamedTuple):
     valid: bool | jax.Array  # bool[M]  False rows are not scored (and cost nothing)
 
 
-# loss(params, frozen, transition) -> (scalar loss, info); `params` are the UNet's.
+# loss(params, frozen, transition) -> (scalar loss, info); `params` are the UNet's. The loss and
+# info are (weighted) means over the transition's rows: the update may stack several timesteps of
+# the same samples into one transition (train.timestep_batch) and count it as that many timesteps.
 LossFn = Callable[[Params, Frozen, Transition], tuple[jax.Array, dict[str, jax.Array]]]
 
 
