@@ -124,7 +124,7 @@ def test_unwritable_out_fails_before_any_work(command, straight, tmp_path, capsy
     from herd_jax import evaluate, export
 
     monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: pytest.fail("sampled before checking --out"))
-    monkeypatch.setattr(export, "flax_unet_to_torch", lambda *a, **k: pytest.fail("converted before checking --out"))
+    monkeypatch.setattr(export, "write_unet", lambda *a, **k: pytest.fail("converted before checking --out"))
     blocker = tmp_path / "file"
     blocker.write_text("")
     module = {"evaluate": evaluate, "export": export}[command]

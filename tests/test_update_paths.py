@@ -148,7 +148,8 @@ def test_score_function_update_lowers_its_surrogate_on_the_batch(tiny_sd, tiny_p
 
     optimizer = make_optimizer(1e-4)
     update = HostLoopUpdate(loss_fn, optimizer, num_inner_epochs=1, minibatch_size=4, num_train_timesteps=tiny_policy.num_steps)
-    new_params, _, info = update(params, optimizer.init(params), aux, batch, tiny_policy.schedule.timesteps, jax.random.PRNGKey(1))
+    # The update donates its params: hand it a copy, never the shared tiny model's arrays.
+    new_params, _, info = update(jax.tree.map(jnp.copy, params), optimizer.init(params), aux, batch, tiny_policy.schedule.timesteps, jax.random.PRNGKey(1))
     before, after = float(surrogate(params)), float(surrogate(new_params))
     print(f"sf surrogate: before {before:.6f}, after {after:.6f}, logged loss {float(info['loss']):.6f}")
     np.testing.assert_allclose(float(info["loss"]), before, rtol=1e-5)  # the update saw this batch's loss
@@ -177,7 +178,7 @@ def test_rematerialised_update_equals_plain(tiny_sd, tiny_policy):
         policy = training_policy(tiny_policy, cfg)
         assert policy.unet.remat == remat and policy.unet.attention == tiny_policy.unet.attention
         update = HostLoopUpdate(ddpo.make_loss(policy, estimator="sf"), optimizer, num_inner_epochs=1, minibatch_size=4, num_train_timesteps=tiny_policy.num_steps)
-        result[remat] = update(params, optimizer.init(params), aux, batch, tiny_policy.schedule.timesteps, jax.random.PRNGKey(1))[0]
+        result[remat] = update(jax.tree.map(jnp.copy, params), optimizer.init(params), aux, batch, tiny_policy.schedule.timesteps, jax.random.PRNGKey(1))[0]
     moved = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(result["none"]), jax.tree.leaves(params)))
     for remat in ("blocks", "dots"):
         diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(result[remat]), jax.tree.leaves(result["none"])))
