@@ -317,6 +317,18 @@ def validate(cfg: Config, num_devices: int) -> None:
     require(samples % t.batch_size == 0, f"samples per epoch ({samples}) must be a multiple of train.batch_size ({t.batch_size})")
     for key, value in [("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size)]:
         require(value % num_devices == 0, f"{key}={value} must be a multiple of the number of devices ({num_devices})")
+    if t.estimator == "sf":
+        # REINFORCE without a ratio is unbiased only on data the current params sampled: one
+        # gradient step per epoch on fresh, own-goal, on-policy trajectories.
+        biased = [
+            (cfg.algorithm.name == "ddpg", "ddpg (its ε-greedy epochs are sampled by the frozen pretrained model)"),
+            (cfg.algorithm.name not in ("ddpo", "herd", "ddpg"), f"{cfg.algorithm.name} (its loss has no sf form)"),
+            (cfg.algorithm.name == "herd", "herd (replayed and relabeled trajectories come from other params or goals)"),
+            (t.num_inner_epochs > 1, f"train.num_inner_epochs={t.num_inner_epochs} (after the first step the data is off-policy)"),
+            (samples > t.batch_size, f"{samples // t.batch_size} minibatches per epoch (after the first step the data is off-policy)"),
+        ]
+        reasons = [why for bad, why in biased if bad]
+        require(not reasons, f"train.estimator=sf is biased with {reasons[0] if reasons else ''}; use train.estimator=is")
     cfg.eval.validate(cfg, num_devices)
     entry = algorithms.get(cfg.algorithm.name)
     if entry.section is not None:

@@ -213,6 +213,10 @@ class Policy:
     eta: float
     guidance_scale: float
     prediction_type: str = "epsilon"
+    # Rollouts draw one initial latent x_T per `noise_group` consecutive rows (1: every row its
+    # own). Rows sharing x_T differ only by the policy's per-step noise, so a baseline over them
+    # (grpo's group mean) removes the reward variance x_T causes, which the policy cannot control.
+    noise_group: int = 1
 
     @property
     def num_steps(self) -> int:
@@ -237,7 +241,10 @@ class Policy:
         """Samples a batch of trajectories for prompt embeddings `cond` [B, L, D]; `uncond` is [1|B, L, D]."""
         batch = cond.shape[0]
         init_key, step_key = jax.random.split(key)
-        x_T = jax.random.normal(init_key, (batch, *self.latent_shape), jnp.float32)
+        if self.noise_group == 1:
+            x_T = jax.random.normal(init_key, (batch, *self.latent_shape), jnp.float32)
+        else:
+            x_T = jnp.repeat(jax.random.normal(init_key, (batch // self.noise_group, *self.latent_shape), jnp.float32), self.noise_group, axis=0)
 
         def step(x, inputs):
             i, t, prev_t = inputs

@@ -29,17 +29,27 @@ def init(num_prompts: int, window: int) -> PromptStats:
     )
 
 
-def update(stats: PromptStats, prompt_ids: jax.Array, rewards: jax.Array, valid: jax.Array | None = None) -> PromptStats:
-    """Appends `rewards` [B] to the windows of `prompt_ids` [B]; entries with valid=False are skipped."""
-    valid = jnp.ones(prompt_ids.shape, bool) if valid is None else valid
+def write_positions(stats: PromptStats, prompt_ids: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(row int32[B], slot int32[B]) each entry is written to; row = num_prompts (out of bounds,
+    dropped) for entries not written: invalid ones, and all but the last `window` entries of a
+    prompt that appears more often than that in the batch. Written (row, slot) pairs are
+    distinct, so the scatter has no colliding writes (whose order XLA leaves undefined on GPU/TPU)."""
     same = (prompt_ids[:, None] == prompt_ids[None, :]) & valid[None, :]
     rank = jnp.sum(jnp.tril(same, k=-1), axis=1)  # earlier valid entries of the same prompt in this batch
+    total = jnp.sum(same, axis=1)  # valid entries of the same prompt in this batch
     window = stats.rewards.shape[1]
     slot = (stats.count[prompt_ids] + rank) % window
-    # Invalid entries write out of bounds, which `mode="drop"` discards.
-    row = jnp.where(valid, prompt_ids, stats.rewards.shape[0])
+    written = valid & (rank >= total - window)
+    return jnp.where(written, prompt_ids, stats.rewards.shape[0]), slot
+
+
+def update(stats: PromptStats, prompt_ids: jax.Array, rewards: jax.Array, valid: jax.Array | None = None) -> PromptStats:
+    """Appends `rewards` [B] to the windows of `prompt_ids` [B]; entries with valid=False are
+    skipped; of more than `window` entries of one prompt only the last `window` are kept."""
+    valid = jnp.ones(prompt_ids.shape, bool) if valid is None else valid
+    row, slot = write_positions(stats, prompt_ids, valid)
     new_rewards = stats.rewards.at[row, slot].set(rewards.astype(jnp.float32), mode="drop")
-    new_count = stats.count.at[row].add(1, mode="drop")
+    new_count = stats.count.at[jnp.where(valid, prompt_ids, stats.rewards.shape[0])].add(1, mode="drop")
     return PromptStats(new_rewards, new_count)
 
 

@@ -246,7 +246,7 @@ def build(cfg: config_lib.Config, sd: Any = None) -> tuple[Setup, TrainState]:
     unet_at = parallel.param_shardings(sd.params["unet"], mesh, fsdp)
     algorithm_shardings = algorithm.shardings(state.algorithm, mesh)
     steps = Steps(
-        rollout=make_rollout(policy, mesh, unet_at, frozen_at),
+        rollout=make_rollout(dataclasses.replace(policy, noise_group=algorithm.noise_group), mesh, unet_at, frozen_at),
         unet_params=jax.jit(trainable.unet_params, out_shardings=unet_at),
         queries=jax.jit(algorithm.queries),
         prepare=jax.jit(

@@ -55,7 +55,10 @@ def test_choose_goals_other_prompt_and_query_count(strategy):
     assert goals.shape == rewards.shape == valid.shape == (8,)
     assert valid.all() and (goals != np.tile(prompt_ids, 2)).all()
     np.testing.assert_allclose(rewards, fake_score(np.tile(images, (2, 1, 1, 1)), goals), rtol=1e-6)
-    assert queries == (8 * 3 if strategy == "best" else 8)
+    # A trajectory's copies draw their candidates jointly without replacement from the 4 other
+    # prompts: best asks min(copies × 3, 4) = 4 per trajectory, random one per copy.
+    assert queries == (4 * 4 if strategy == "best" else 8)
+    assert (goals[:4] != goals[4:]).all()  # no goal twice for one trajectory
 
 
 def test_choose_goals_best_picks_highest_scoring_candidate():
@@ -176,8 +179,8 @@ def test_herd_recompute_under_the_same_goal_gives_sampling_log_probs(tiny_sd, ti
         queries = Queries(jnp.arange(4, dtype=jnp.int32), goals, jnp.ones(4, bool))
         return alg.prepare(alg.init(), stats.init(2, 4), fresh, queries, jnp.ones(4), tiny_sd.params["unet"], frozen, jnp.int32(0), key)
 
-    batch, buffer, _, _ = prepare(ids, jax.random.PRNGKey(0))
-    assert int(replay.size(buffer)) == 4 and bool(batch.weights.all())
+    batch, state, _, _ = prepare(ids, jax.random.PRNGKey(0))
+    assert int(replay.size(state.buffer)) == 4 and bool(batch.weights.all())
     replayed = jax.tree.map(lambda x: x[4:], batch)  # fresh rows first, then the 4 replayed copies
     # sample() returns the 4 items in random order: match them by their (unique, random) x_T.
     match = lambda latents: np.argsort(np.asarray(latents[:, 0, 0, 0, 0]))

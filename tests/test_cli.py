@@ -42,6 +42,11 @@ def test_two_epoch_run_on_tiny_model(tmp_path):
         (["--config", "configs/tiny.toml", "model_options.attention=flash"], r"model_options.attention='flash' is not one of: auto, xla, cudnn, chunked"),
         (["--config", "configs/tiny.toml", "model_options.frozen_dtype=float16"], r"model_options.frozen_dtype='float16' is not one of: float32, bfloat16"),
         (["--config", "configs/tiny.toml", "parallel.fsdp=maybe"], r"parallel.fsdp must be bool"),
+        # REINFORCE without a ratio is biased off-policy: refused (issue 15).
+        (["--config", "configs/tiny.toml", "--algorithm", "herd", "train.estimator=sf"], r"train.estimator=sf is biased with herd \(replayed"),
+        (["--config", "configs/tiny.toml", "--algorithm", "ddpg", "train.estimator=sf"], r"train.estimator=sf is biased with ddpg"),
+        (["--config", "configs/tiny.toml", "--algorithm", "ddpo", "train.estimator=sf", "train.num_inner_epochs=2"], r"biased with train.num_inner_epochs=2"),
+        (["--config", "configs/tiny.toml", "--algorithm", "ddpo", "train.estimator=sf", "sample.num_batches_per_epoch=2"], r"biased with \d+ minibatches per epoch"),
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, argv, pattern):

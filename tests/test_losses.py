@@ -102,3 +102,22 @@ def test_stat_tracker_skips_invalid_entries():
     s = stats.update(s, jnp.asarray([0, 1]), jnp.asarray([1.0, jnp.nan]), valid=jnp.asarray([True, False]))
     np.testing.assert_array_equal(np.asarray(s.count), [1, 0])
     assert np.isfinite(np.asarray(s.rewards)).all()
+
+
+def test_stat_tracker_batch_larger_than_window_keeps_exactly_the_last_window():
+    """More entries of one prompt than the window in one batch: the last `window` of them are kept,
+    with no two writes to one slot (whose order XLA leaves undefined on GPU/TPU), and the ring goes on."""
+    s = stats.init(num_prompts=2, window=3)
+    s = stats.update(s, jnp.asarray([0]), jnp.asarray([0.5]))
+    ids = jnp.asarray([0, 1, 0, 0, 0, 0, 1])
+    rewards = jnp.asarray([1.0, 10.0, 2.0, 3.0, 4.0, 5.0, 11.0])
+    valid = jnp.asarray([True, True, True, True, True, False, True])  # 5.0 is skipped
+    row, slot = (np.asarray(x) for x in stats.write_positions(s, ids, valid))
+    written = [(r, k) for r, k in zip(row, slot) if r < 2]
+    assert len(written) == len(set(written)) == 5  # 2.0, 3.0, 4.0 and 10.0, 11.0; no slot twice
+    s = stats.update(s, ids, rewards, valid=valid)
+    np.testing.assert_array_equal(np.asarray(s.count), [5, 2])
+    assert sorted(np.asarray(s.rewards[0]).tolist()) == [2.0, 3.0, 4.0]
+    assert sorted(np.asarray(s.rewards[1]).tolist()) == [0.0, 10.0, 11.0]  # (0.0: the unfilled slot)
+    s = stats.update(s, jnp.asarray([0]), jnp.asarray([6.0]))  # overwrites the oldest kept (2.0)
+    assert sorted(np.asarray(s.rewards[0]).tolist()) == [3.0, 4.0, 6.0]

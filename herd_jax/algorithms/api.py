@@ -141,6 +141,7 @@ class Algorithm(NamedTuple):
     needs_pretrained: bool = False  # keep a frozen copy of the pretrained UNet in `Frozen.pretrained`
     extra_goals: tuple[str, ...] = ()  # goals that are not prompts (herd's sentence goals)
     update: Callable[..., Any] | None = None  # replaces the shared per-transition update
+    noise_group: int = 1  # consecutive rollout rows sharing one initial latent x_T (diffusion.Policy.noise_group)
 
 
 def normalised_advantages(

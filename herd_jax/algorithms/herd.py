@@ -12,23 +12,43 @@ Goal strategies for c′:
             from the prompt set (each candidate scored: `best_candidates` queries per copy).
   random    a uniformly random other goal from the prompt set.
 
-Off-policy correction:
-  recompute  (default) before each update the replayed trajectories' log π_old(x_{t-1} | x_t, c′)
-             is re-evaluated under the current params and their (possibly new) goal, so every
-             clipped ratio starts at 1 — for this epoch's copies that is exactly "recompute at
-             relabel time"; for items kept from older epochs it also refreshes the stale policy.
-  behaviour  keep the log-probs recorded at sampling time under c, as the original did.
+Off-policy correction (`herd.correction`) of the replayed rows (copies and stale fresh items):
+  recompute  (default) log π_old(x_{t-1} | x_t, c′) is re-evaluated under the current params θ_k
+             and the row's (possibly new) goal, so every clipped ratio starts at 1. A HEURISTIC:
+             the data came from π_b(· | x_t, c), so this sets the weight π_θk(·|c′) / π_b(·|c) to 1
+             — advantage-weighted imitation of off-goal data, not a corrected policy gradient.
+  behaviour  keep the log-probs recorded at sampling time under c (the original's). DDPO's
+             log-probs are means over the latent's D dimensions (D = 16,384 for SD at 512 px), so
+             this ratio is the true density ratio to the power 1/D: it corrects almost nothing.
+  truncated  a truncated per-decision importance weight on top of `recompute`'s clip (V-trace's
+             policy-gradient weight, Espeholt et al. 2018; Retrace's truncation, Munos et al. 2016;
+             the weight hindsight policy gradients need, Rauber et al. 2019):
+                 w_t = min(ρ̄, π_θk(x_{t-1} | x_t, c′) / π_b(x_{t-1} | x_t, c)),
+             the densities' full ratio: log w_t = D · (mean log π_θk(c′) − mean log π_b(c)), the
+             per-step log-probs *summed* over dimensions. It multiplies the row's advantage at
+             step t under a stop-gradient, so the update's gradient on that step is
+             w_t · ∇ clip-surrogate(π_θ / π_θk): for fresh rows (w = 1) DDPO's, for replayed rows
+             the behaviour-to-target correction of the action at step t. Like V-trace's, it does not
+             correct the distribution of the states x_t (reached under c): the truncation trades
+             that bias and ρ̄'s for bounded variance. `herd/ess` logs the weights' effective
+             sample size (Σw)² / (n Σw²) over the replayed rows' steps (1: uniform weights; near
+             1/n: a few steps carry the update — typical of D-dimensional density ratios).
+
+Statistics: on-policy rewards (fresh trajectories) and relabeled rewards keep separate per-goal
+windows, so relabeled rewards never shift a fresh row's baseline; a replayed relabeled row is
+normalised by the relabeled window of its goal. Every scored (image, goal) pair enters the
+relabeled windows, `best`'s K candidates included (K reward queries, K entries). A trajectory's
+copies get distinct goals.
 
 What the original HERD code got wrong, and we fix: per-prompt advantage normalisation and
-relabeling could not be combined (here the stat tracker is keyed by goal id over prompts and
-hindsight goals, and relabeled rewards enter it like any other), and relabeled rewards were not
-counted as reward queries.
+relabeling could not be combined (here the stat trackers are keyed by goal id over prompts and
+hindsight goals), and relabeled rewards were not counted as reward queries.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +72,14 @@ class HerdConfig:
     capacity: int = 256  # buffer size in trajectories
     keep_epochs: int = 1  # iterations the buffer keeps (the original kept 1; its paper's "b2" kept 2)
     replay_ratio: float = 1.0  # replayed samples per fresh sample in each update batch
-    correction: Literal["recompute", "behaviour"] = "recompute"  # recompute: log π_old re-evaluated under c' (ratio starts at 1); behaviour: keep log π(·|c)
+    correction: Literal["recompute", "behaviour", "truncated"] = "recompute"  # recompute: log π_old re-evaluated under c' (ratio starts at 1; a heuristic); behaviour: keep log π(·|c); truncated: recompute's clip × min(rho_bar, π_θ(·|c') / π_b(·|c)) per step (summed log-probs)
+    rho_bar: float = 1.0  # `truncated`: the weights' upper bound ρ̄
 
     def validate(self, cfg: Any, num_devices: int) -> None:
         if self.capacity % num_devices:
             raise ConfigError(f"herd.capacity={self.capacity} must be a multiple of the number of devices ({num_devices})")
+        if self.rho_bar <= 0:
+            raise ConfigError(f"herd.rho_bar must be > 0, got {self.rho_bar}")
         for key in ("copies", "best_candidates", "capacity", "keep_epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"herd.{key} must be positive, got {getattr(self, key)}")
@@ -120,23 +143,26 @@ def choose_goals(
     batch = goal.shape[0]
     k = best_candidates if strategy == "best" else 1
     rows = jnp.tile(jnp.repeat(jnp.arange(batch, dtype=jnp.int32), k), copies)
-    keys = jax.random.split(key, (copies, batch))
+    traj_keys = jax.random.split(key, batch)  # one draw per trajectory covers all its copies: no goal twice
     if strategy == "sentence":
         count = sentence_counts[goal]  # [B]
-        draw = lambda key, n: jax.random.randint(key, (), 0, jnp.maximum(n, 1))
-        pick = jax.vmap(lambda copy_keys: jax.vmap(draw)(copy_keys, count))(keys)  # [copies, B]
+        width = sentence_goals.shape[1]
+        # A random order of each prompt's sentences (padding last); copy k takes the k-th.
+        order = jax.vmap(lambda key, n: jnp.argsort(jnp.where(jnp.arange(width) < n, jax.random.uniform(key, (width,)), 2.0)))(traj_keys, count)
+        pick = jnp.concatenate([order, jnp.zeros((batch, max(copies - width, 0)), order.dtype)], axis=1)[:, :copies].T  # [copies, B]
         goals = sentence_goals[goal[None, :], pick]  # [copies, B]
-        valid = jnp.broadcast_to(count > 0, (copies, batch))
+        valid = jnp.arange(copies)[:, None] < count[None, :]
         return api.Queries(rows, goals.reshape(-1).astype(jnp.int32), valid.reshape(-1))
     if strategy not in ("random", "best"):
         raise ValueError(f"unknown goal strategy {strategy!r}")
     others = max(num_prompts - 1, 1)
-    k_eff = min(k, others)
-    # Candidates: other prompts, drawn without replacement per copy (offsets 1..P-1 from the goal).
-    offsets = jax.vmap(jax.vmap(lambda key: jax.random.permutation(key, others)[:k_eff] + 1))(keys)  # [copies, B, k_eff]
-    candidates = (goal[None, :, None] + offsets) % num_prompts
-    candidates = jnp.concatenate([candidates, jnp.repeat(candidates[..., -1:], k - k_eff, axis=-1)], axis=-1)  # [copies, B, k]
-    valid = jnp.broadcast_to(jnp.arange(k) < k_eff, candidates.shape) & (num_prompts > 1)
+    # Candidates: other prompts (offsets 1..P-1 from the goal), drawn without replacement over all
+    # of a trajectory's copies, so copies never share a candidate; slots beyond P-1 are not asked.
+    width = copies * k
+    offsets = jax.vmap(lambda key: jax.random.permutation(key, others))(traj_keys)  # [B, P-1]
+    offsets = jnp.concatenate([offsets, jnp.repeat(offsets[:, -1:], max(width - others, 0), axis=1)], axis=1)[:, :width] + 1
+    candidates = jnp.moveaxis(((goal[:, None] + offsets) % num_prompts).reshape(batch, copies, k), 1, 0)  # [copies, B, k]
+    valid = jnp.broadcast_to((jnp.arange(width) < others).reshape(copies, 1, k), candidates.shape) & (num_prompts > 1)
     return api.Queries(rows, candidates.reshape(-1).astype(jnp.int32), valid.reshape(-1))
 
 
@@ -151,6 +177,27 @@ def relabeled_copies(queries: api.Queries, answers: jax.Array, *, copies: int, b
     best = jnp.argmax(jnp.where(valid, scores, -jnp.inf), axis=1)
     pick = lambda x: jnp.take_along_axis(x, best[:, None], axis=1)[:, 0]
     return pick(goals), pick(scores), valid.any(axis=1)
+
+
+class HerdState(NamedTuple):
+    """herd's state in the TrainState: the replay buffer and the relabeled rewards' own windows."""
+
+    buffer: replay.ReplayBuffer
+    relabeled: stats_lib.PromptStats  # per goal: every scored (image, goal′) pair's reward
+
+
+def truncated_weights(target_log_probs: jax.Array, behaviour_log_probs: jax.Array, num_dims: int, rho_bar: float) -> jax.Array:
+    """min(ρ̄, π_target / π_b) per step from DDPO's per-dimension *mean* log-probs [N, T]: the
+    densities' log-ratio is num_dims × the difference of the means. Constant (stop-gradient)."""
+    log_ratio = num_dims * (jax.lax.stop_gradient(target_log_probs) - jax.lax.stop_gradient(behaviour_log_probs))
+    return jnp.exp(jnp.minimum(log_ratio, jnp.log(rho_bar)))
+
+
+def effective_sample_size(weights: jax.Array, mask: jax.Array) -> jax.Array:
+    """(Σw)² / (n Σw²) over the entries where mask is True, in (0, 1]; 1 when there are none."""
+    w = weights * mask
+    n = jnp.maximum(jnp.sum(mask), 1)
+    return jnp.where(jnp.sum(mask) > 0, jnp.sum(w) ** 2 / jnp.maximum(n * jnp.sum(w**2), 1e-30), 1.0)
 
 
 def make(ctx: api.Context) -> api.Algorithm:
@@ -169,38 +216,50 @@ def make(ctx: api.Context) -> api.Algorithm:
             sentence_goals=sentence_goals, sentence_counts=sentence_counts, best_candidates=h.best_candidates,
         )
 
-    def prepare(buffer: replay.ReplayBuffer, stats, fresh: api.Experience, queries, answers, params, frozen, epoch, key):
-        stats = stats_lib.update(stats, fresh.goal, fresh.reward)
+    num_dims = int(np.prod(policy.latent_shape))
+
+    def prepare(state: HerdState, stats, fresh: api.Experience, queries: api.Queries, answers, params, frozen, epoch, key):
+        stats = stats_lib.update(stats, fresh.goal, fresh.reward)  # on-policy rewards only
+        relabeled = stats_lib.update(state.relabeled, queries.goal, answers, jnp.asarray(queries.valid))  # every scored pair
         copy_goal, copy_reward, copy_valid = relabeled_copies(queries, answers, copies=h.copies, batch=n)
         tiled = jax.tree.map(lambda x: jnp.concatenate([x] * h.copies), fresh)
         copies = tiled._replace(goal=copy_goal, cond=frozen.goal_embeds[copy_goal], reward=copy_reward)
-        stats = stats_lib.update(stats, copy_goal, copy_reward, copy_valid)
-        buffer = replay.add(buffer, copies, epoch=epoch, original_prompt_id=tiled.goal, relabeled=True, mask=copy_valid)
+        buffer = replay.add(state.buffer, copies, epoch=epoch, original_prompt_id=tiled.goal, relabeled=True, mask=copy_valid)
         buffer = replay.expire(buffer, current_epoch=epoch, keep_epochs=h.keep_epochs)
         items, info = replay.sample(buffer, key, num_replay)
-        if h.correction == "recompute":
-            items = items._replace(log_probs=policy.trajectory_log_probs(params, items.latents, items.cond, frozen.uncond))
+        metrics = {}
+        if h.correction in ("recompute", "truncated"):
+            target = policy.trajectory_log_probs(params, items.latents, items.cond, frozen.uncond)
+            weights = truncated_weights(target, items.log_probs, num_dims, h.rho_bar) if h.correction == "truncated" else None
+            items = items._replace(log_probs=target)
         both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), fresh, items)
         valid = jnp.concatenate([jnp.ones((n,), bool), info["valid"]])
-        advantages = api.normalised_advantages(stats, both.goal, both.reward, valid, train=train, num_steps=num_steps)
+        from_relabel = jnp.concatenate([jnp.zeros((n,), bool), info["relabeled"]])
+        on_policy = api.normalised_advantages(stats, both.goal, both.reward, valid & ~from_relabel, train=train, num_steps=num_steps)
+        off_goal = api.normalised_advantages(relabeled, both.goal, both.reward, valid & from_relabel, train=train, num_steps=num_steps)
+        advantages = jnp.where(from_relabel[:, None], off_goal, on_policy)
+        if h.correction == "truncated":
+            advantages = advantages.at[n:].multiply(weights)  # w ≥ 0 commutes with the clip's max
+            metrics["herd/ess"] = effective_sample_size(weights, jnp.broadcast_to(info["valid"][:, None], weights.shape))
+            metrics["herd/weight_mean"] = jnp.sum(weights * info["valid"][:, None]) / jnp.maximum(jnp.sum(info["valid"]) * num_steps, 1)
         batch = api.Batch(both.latents, both.log_probs, both.cond, advantages, valid.astype(jnp.float32))
-        metrics = {
+        metrics.update({
             "herd/relabeled_reward": jnp.sum(copy_reward * copy_valid) / jnp.maximum(jnp.sum(copy_valid), 1),
             "herd/replayed_valid": jnp.mean(info["valid"].astype(jnp.float32)),
-        }
-        return batch, buffer, stats, metrics
+        })
+        return batch, HerdState(buffer, relabeled), stats, metrics
 
-    def finish(buffer, fresh: api.Experience, epoch):
+    def finish(state: HerdState, fresh: api.Experience, epoch):
         """The fresh trajectories join the buffer after the update, so a batch never holds one twice."""
-        return replay.add(buffer, fresh, epoch=epoch, original_prompt_id=fresh.goal, relabeled=False)
+        return state._replace(buffer=replay.add(state.buffer, fresh, epoch=epoch, original_prompt_id=fresh.goal, relabeled=False))
 
     return api.Algorithm(
-        init=lambda: replay.init(item, h.capacity),
+        init=lambda: HerdState(replay.init(item, h.capacity), stats_lib.init(len(goals), train.stats_window)),
         loss=ddpo.make_loss(policy, estimator=train.estimator, clip_range=train.clip_range),
         prepare=prepare,
         prompts=api.uniform_prompts(len(ctx.prompts)),
         queries=queries,
         finish=finish,
-        shardings=replay.shardings,
+        shardings=lambda state, mesh: HerdState(replay.shardings(state.buffer, mesh), api.replicated(state.relabeled, mesh)),
         extra_goals=tuple(goals[len(ctx.prompts):]),
     )

@@ -1,0 +1,141 @@
+"""herd's principled correction and honest statistics (issue 15): truncated per-decision weights
+against a float64 NumPy computation, separate relabeled windows, every scored pair kept, distinct goals."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from herd_jax import stats
+from herd_jax.algorithms import herd
+from herd_jax.algorithms.api import Context, Experience, Frozen, Queries
+from herd_jax.diffusion import gaussian_log_prob
+
+
+def _numpy_log_density(x, mean, std):
+    """log N(x; mean, std² I) summed over every dimension but the first, in float64."""
+    x, mean, std = (np.asarray(a, np.float64) for a in (x, mean, std))
+    d = (x - mean) / std
+    per_dim = -0.5 * d**2 - np.log(std) - 0.5 * np.log(2 * np.pi)
+    return per_dim.reshape(len(x), -1).sum(axis=1)
+
+
+def test_truncated_weights_equal_float64_density_ratios_and_truncate():
+    """Hand-made Gaussian policies: the weights from DDPO's mean-reduced log-probs equal
+    min(ρ̄, N(x; μ_target, σ) / N(x; μ_b, σ)) from full float64 densities."""
+    rng = np.random.default_rng(0)
+    shape = (6, 4, 2, 2)  # D = 16 dimensions per step
+    std = np.full((6, 1, 1, 1), 0.3)
+    mu_b = rng.normal(size=shape)
+    x = mu_b + std * rng.normal(size=shape)  # sampled by the behaviour policy
+    mu_t = mu_b + 0.02 * rng.normal(size=shape)  # a nearby target policy
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    lp_b = gaussian_log_prob(f32(x), f32(mu_b), f32(std))[:, None]  # [N, T=1] per-dimension means
+    lp_t = gaussian_log_prob(f32(x), f32(mu_t), f32(std))[:, None]
+    ratio = np.exp(_numpy_log_density(x, mu_t, std) - _numpy_log_density(x, mu_b, std))
+    for rho_bar in (1.0, 2.0, 1e9):
+        w = np.asarray(herd.truncated_weights(lp_t, lp_b, num_dims=16, rho_bar=rho_bar))[:, 0]
+        np.testing.assert_allclose(w, np.minimum(rho_bar, ratio), rtol=2e-4)
+    assert (ratio > 1).any() and (ratio < 1).any()  # both sides of the truncation were exercised
+    # Stop-gradient: the weight is a constant of the loss.
+    grad = jax.grad(lambda t: herd.truncated_weights(t, lp_b, 16, 1e9).sum())(lp_t)
+    assert not np.asarray(grad).any()
+
+
+def test_effective_sample_size():
+    assert float(herd.effective_sample_size(jnp.ones(8), jnp.ones(8, bool))) == pytest.approx(1.0)
+    one_hot = jnp.zeros(8).at[3].set(5.0)
+    assert float(herd.effective_sample_size(one_hot, jnp.ones(8, bool))) == pytest.approx(1 / 8)
+    assert float(herd.effective_sample_size(jnp.asarray([1.0, 1.0, 9.0]), jnp.asarray([True, True, False]))) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def herd_setup(tiny_sd, tiny_policy):
+    from herd_jax import config as config_lib
+    from herd_jax.trainer import encode_prompts
+
+    prompts = ("a red cat", "a blue dog", "a green car")
+    embeds, uncond = encode_prompts(tiny_sd, prompts, "")
+    ids = jnp.asarray([0, 1, 1, 0])
+    traj = jax.jit(tiny_policy.rollout)(tiny_sd.params["unet"], tiny_sd.params["vae"], embeds[ids], uncond, jax.random.PRNGKey(3))
+    fresh = Experience(traj.latents, traj.log_probs, ids, embeds[ids], jnp.asarray([0.1, 0.7, 0.3, 0.9]))
+    frozen = Frozen(vae=None, goal_embeds=embeds, uncond=uncond, base=None, pretrained=None)
+    item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+
+    def make(*overrides):
+        cfg = config_lib.load_config([], ["sample.batch_size=4", "sample.num_batches_per_epoch=1", "herd.capacity=8", "train.stats_min_count=1", *overrides])
+        return herd.make(Context(cfg, tiny_policy, prompts, 4, item))
+
+    return make, fresh, frozen, tiny_sd.params["unet"]
+
+
+def test_truncated_weight_is_one_for_the_same_goal_and_params(herd_setup):
+    """c′ = c and unchanged params: π_θk(·|c′) = π_b(·|c), every weight 1 (ESS 1)."""
+    make, fresh, frozen, params = herd_setup
+    alg = make("herd.correction='truncated'", "herd.rho_bar=5.0")
+    queries = Queries(jnp.arange(4, dtype=jnp.int32), fresh.goal, jnp.ones(4, bool))
+    _, _, _, metrics = jax.jit(alg.prepare)(alg.init(), stats.init(3, 4), fresh, queries, fresh.reward, params, frozen, jnp.int32(0), jax.random.PRNGKey(0))
+    assert float(metrics["herd/ess"]) == pytest.approx(1.0, abs=1e-4)
+    assert float(metrics["herd/weight_mean"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_truncated_correction_scales_replayed_advantages_by_the_weights(herd_setup):
+    """Under another goal the replayed rows' advantages are recompute's times min(ρ̄, ratio) per step."""
+    make, fresh, frozen, params = herd_setup
+    other = jnp.asarray([2, 2, 0, 1])
+    queries = Queries(jnp.arange(4, dtype=jnp.int32), other, jnp.ones(4, bool))
+    out = {}
+    for correction in ("recompute", "truncated"):
+        alg = make(f"herd.correction='{correction}'", "herd.rho_bar=1.0")
+        out[correction] = jax.jit(alg.prepare)(alg.init(), stats.init(3, 4), fresh, queries, jnp.asarray([0.2, 0.4, 0.6, 0.8]), params, frozen, jnp.int32(0), jax.random.PRNGKey(0))
+    rec, trunc = out["recompute"][0], out["truncated"][0]
+    np.testing.assert_array_equal(np.asarray(rec.advantages[:4]), np.asarray(trunc.advantages[:4]))  # fresh rows: weight 1
+    np.testing.assert_array_equal(np.asarray(rec.log_probs), np.asarray(trunc.log_probs))  # same clip reference
+    a, b = np.asarray(rec.advantages[4:]), np.asarray(trunc.advantages[4:])
+    assert (np.abs(b) <= np.abs(a) + 1e-7).all() and (np.sign(b) * np.sign(a) >= 0).all()  # ρ̄ = 1: shrunk, never flipped
+    assert float(out["truncated"][3]["herd/ess"]) < 1.0  # another goal: unequal weights
+
+
+def test_relabeled_rewards_do_not_change_fresh_advantages(herd_setup):
+    """Relabeled rewards live in their own windows: the fresh rows' advantages ignore them."""
+    make, fresh, frozen, params = herd_setup
+    alg = make("herd.correction='recompute'")
+    queries = Queries(jnp.arange(4, dtype=jnp.int32), jnp.asarray([1, 2, 2, 1]), jnp.ones(4, bool))  # other goals, incl. goal 1 of fresh rows
+    prepare = jax.jit(alg.prepare)
+    runs = [prepare(alg.init(), stats.init(3, 4), fresh, queries, answers, params, frozen, jnp.int32(0), jax.random.PRNGKey(0)) for answers in (jnp.zeros(4), jnp.full(4, 5.0))]
+    np.testing.assert_array_equal(np.asarray(runs[0][0].advantages[:4]), np.asarray(runs[1][0].advantages[:4]))
+    np.testing.assert_array_equal(np.asarray(runs[0][2].rewards), np.asarray(runs[1][2].rewards))  # on-policy windows unchanged
+    assert not np.array_equal(np.asarray(runs[0][1].relabeled.rewards), np.asarray(runs[1][1].relabeled.rewards))
+
+
+def test_best_records_every_scored_pair_and_counts_k_queries(herd_setup):
+    """`best` with K candidates: K reward queries per copy, and all K scored pairs in the relabeled windows."""
+    make, fresh, frozen, params = herd_setup
+    k = 2
+    alg = make("herd.goal_strategy='best'", f"herd.best_candidates={k}")
+    queries = jax.jit(alg.queries)(alg.init(), fresh.goal, jax.random.PRNGKey(1))
+    assert int(jnp.sum(queries.valid)) == 4 * k  # what the trainer counts as queries (trainer.ask_rewards)
+    answers = jnp.arange(4 * k, dtype=jnp.float32) / 10
+    _, state, _, _ = jax.jit(alg.prepare)(alg.init(), stats.init(3, 4), fresh, queries, answers, params, frozen, jnp.int32(0), jax.random.PRNGKey(0))
+    assert int(state.relabeled.count.sum()) == 4 * k
+    rewards, count = np.asarray(state.relabeled.rewards), np.asarray(state.relabeled.count)
+    kept = sorted(rewards[np.arange(rewards.shape[1])[None, :] < count[:, None]].round(4).tolist())
+    assert kept == sorted(np.asarray(answers).round(4).tolist())  # every paid-for answer, once
+
+
+@pytest.mark.parametrize("strategy", ["random", "best", "sentence"])
+def test_copies_of_one_trajectory_get_distinct_goals(strategy):
+    goal = jnp.asarray([0, 1, 2, 3, 0, 1, 2, 3])
+    queries = herd.choose_goals(
+        jax.random.PRNGKey(0), goal, strategy=strategy, copies=3, num_prompts=5,
+        sentence_goals=jnp.asarray([[5, 6, 7], [8, 9, 0], [0, 0, 0], [10, 0, 0], [0, 0, 0]], jnp.int32),
+        sentence_counts=jnp.asarray([3, 2, 0, 1, 0], jnp.int32), best_candidates=2 if strategy == "best" else 1,
+    )
+    row, goals, valid = (np.asarray(x) for x in queries)
+    for i in range(8):
+        asked = goals[(row == i) & valid].tolist()
+        assert len(asked) == len(set(asked)), (strategy, i, asked)
+        assert int(goal[i]) not in asked
+    if strategy == "sentence":
+        assert [int(((row == i) & valid).sum()) for i in range(4)] == [3, 2, 0, 1]
