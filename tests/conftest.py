@@ -58,3 +58,15 @@ def tiny_policy(tiny_sd):
     from herd_jax.diffusion import make_policy
 
     return make_policy(tiny_sd, num_steps=4, eta=1.0, guidance_scale=5.0)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`), every test module is one group unless its tests
+    name another (`xdist_group("tiny_runs")` spans modules): a module's expensive module-scoped
+    fixtures (tiny runs, multi-process runs, compiled models) then run on one worker, once,
+    instead of once on every worker that gets one of its tests."""
+
+    for item in items:
+        if not any(m.name == "xdist_group" for m in item.iter_markers()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -382,3 +382,43 @@ def test_base_toml_lists_every_key_with_its_default():
 def test_reward_configs_load(name):
     cfg = config_lib.load_config([REPO / "configs" / "rewards" / f"{name}.toml"])
     assert cfg.reward.name == name
+
+
+def test_run_dir_holds_reward_curve_and_first_and_last_sample_grids(runs):
+    """Pictures without tensorboard: reward.png and the eval grids before the first and after the
+    last epoch (same prompts and seeds), PNGs PIL reads, of the sizes their layout gives."""
+    from PIL import Image
+
+    from herd_jax import report
+
+    straight, _ = runs.straight
+    cfg = config_lib.load_config([straight / "config.toml"])
+    with Image.open(straight / "reward.png") as curve:
+        assert curve.format == "PNG" and curve.size[0] >= 2 * 700 and curve.size[1] >= 420
+    prompts, seeds = min(cfg.eval.num_prompts, len(runs_prompts(cfg))), cfg.eval.seeds
+    grids = sorted(p.name for p in (straight / report.SAMPLES).glob("*.png"))
+    assert grids == ["epoch_0000.png", f"epoch_{NUM_EPOCHS:04d}.png"], grids
+    for name in grids:
+        with Image.open(straight / report.SAMPLES / name) as grid:
+            grid.load()
+            # 64-px cells (the 32-px images twice), a 150-px label column, 4-px gaps, a caption per row.
+            assert grid.size == (150 + seeds * (64 + 4) + 4, 24 + prompts * (64 + 14 + 4) + 4), (name, grid.size)
+
+
+def runs_prompts(cfg):
+    from herd_jax.prompts import load_prompts
+
+    return load_prompts(cfg.prompts)
+
+
+def test_header_is_short_and_names_the_run_dir(tmp_path):
+    import jax
+
+    from herd_jax import report
+
+    for log_with in ("tensorboard", "wandb", "none"):
+        cfg = tiny_config(tmp_path / "run", NUM_EPOCHS, log_with)
+        text = report.header(cfg, num_params=1_234_567, devices=jax.devices(), run_dir=tmp_path / "run")
+        lines = text.splitlines()
+        assert 4 <= len(lines) <= 15, text
+        assert str(tmp_path / "run") in text and cfg.algorithm.name in text and cfg.reward.name in text
