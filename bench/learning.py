@@ -27,7 +27,7 @@ Notes (measured on the tiny model, 2 CPU cores):
   colours: the goal decides the reward, so relabeling changes it) moves by < 0.01 in 960 queries
   for every algorithm (3 seeds: ddpo −0.003, herd +0.008, herd with `best` +0.008).
 - Noisy updates drift the policy on their own: with shuffled advantages JPEG compressibility
-  still rises by ~0.02-0.04 in 30 epochs (incompressibility falls as much). tests/test_learning.py
+  still rises by ~0.02-0.04 in 30 epochs (incompressibility falls as much). tests/learning_check.py
   therefore compares each run with one trained on −r.
 - herd's gain needs replay over several epochs (keep_epochs 1 ends below its start at lr 1e-2);
   "herd-replay" (goal_strategy sentence on one-sentence prompts: no copies, no relabel queries)

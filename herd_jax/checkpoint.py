@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import pathlib
 import re
@@ -321,6 +322,8 @@ def restore(checkpoints: Checkpoints, like: State, cfg: config_lib.Config | None
                 return state, step
             except Exception as e:  # corrupt or incomplete: fall back to the previous checkpoint
                 errors.append(f"{step_dir}: {_reason(e)}")
+                # The whole (multi-page) orbax error goes to run_dir/train.log, the one line to stderr.
+                logging.getLogger("herd_jax.libraries").warning("restoring %s failed", step_dir, exc_info=True)
                 if step != checkpoints.steps[-1]:
                     _warn(f"skipping unreadable checkpoint {errors[-1]}; trying the previous one")
     finally:

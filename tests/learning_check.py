@@ -1,8 +1,8 @@
 """Paired learning runs (train on r, and on −r from the same start) and their spread over seeds.
 
-tests/test_learning.py asserts on these runs; run this file to measure the numbers its margins
-rest on (the spread over seeds stands in for the spread over machines: float differences between
-CPUs change a run as much as another seed does):
+tests/test_demo.py uses its `curve`; run this file to measure the paired leads and their spread
+over seeds that test_demo.py's docstring quotes (the spread over seeds stands in for the spread
+over machines: float differences between CPUs change a run as much as another seed does):
 
   python tests/learning_check.py --algorithms ddpo herd --seeds 0 1 2 3 4 5 6 7 [key=value ...]
 

@@ -195,7 +195,8 @@ def test_straight_run_saves_every_epoch_with_config_and_prompts(runs):
     assert checkpoint.saved_prompts(found.step_dir(2)) == load_prompts(cfg.prompts)
     state = raw_state(straight / "checkpoints" / "3")
     assert {"step", "params", "opt_state", "rng", "stats", "algorithm"} <= set(state)  # the whole TrainState
-    assert {"items", "valid", "next_index"} <= set(state["algorithm"])  # herd's state: its replay buffer
+    assert {"items", "valid", "next_index"} <= set(state["algorithm"]["buffer"])  # herd's state: its replay buffer
+    assert {"rewards", "count"} <= set(state["algorithm"]["relabeled"])  # ... and the relabeled rewards' windows
     assert int(state["step"]) == NUM_EPOCHS
 
 

@@ -11,7 +11,7 @@ default 0, as DanceGRPO).
 With `grpo.shared_noise` (default, as DanceGRPO) a group's samples also share their initial latent
 x_T, so they differ only by the per-step noise the policy injects: the group mean is then a
 baseline for the state x_T, and the reward variance x_T causes (on the tiny model 75-85% of the
-colour reward's, tests/test_learning.py) leaves the advantages. Still unbiased: x_T is the initial
+colour reward's, tests/test_demo.py) leaves the advantages. Still unbiased: x_T is the initial
 state of the MDP, not an action, and a state-dependent baseline does not bias the policy gradient.
 
 References:
