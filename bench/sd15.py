@@ -160,7 +160,8 @@ def epoch_flops(setup: Any, state: Any) -> tuple[float, float]:
     transition = Transition(latents(b), latents(b), jnp.zeros((b,), jnp.int32), jnp.zeros((b,)), cond(b), jnp.ones((b,)), jnp.ones((b,)))
     loss = setup.trainable.wrap_loss(ddpo.make_loss(plain))
     frozen = Frozen(None, None, setup.frozen.uncond, setup.frozen.base, None)
-    grad = flops(jax.jit(jax.grad(lambda p, tr: loss(p, frozen, tr)[0])), state.params, transition)
+    # frozen (the LoRA base UNet) is an argument: closed over, its 3.2 GiB would be inlined into the HLO as constants.
+    grad = flops(jax.jit(jax.grad(lambda p, fr, tr: loss(p, fr, tr)[0])), state.params, frozen, transition)
     samples = s.batch_size * s.num_batches_per_epoch
     trained_steps = max(1, int(s.num_steps * t.timestep_fraction))
     return rollout, s.num_batches_per_epoch * rollout + t.num_inner_epochs * (samples // b) * trained_steps * grad

@@ -217,6 +217,11 @@ class Policy:
     # own). Rows sharing x_T differ only by the policy's per-step noise, so a baseline over them
     # (grpo's group mean) removes the reward variance x_T causes, which the policy cannot control.
     noise_group: int = 1
+    # The VAE decodes the batch in this many sequential chunks (`lax.map`), chunk i holding rows
+    # i, i + n, i + 2n, ...: a sharded batch keeps each row on its device. At 512 px one image's
+    # decoder activations are ~0.6 GiB fp32, so decoding 16 at once dominates a rollout's memory.
+    # 1 (or a count that does not divide the batch): one call. Same images either way.
+    decode_chunks: int = 1
 
     @property
     def num_steps(self) -> int:
@@ -260,7 +265,15 @@ class Policy:
         return Trajectory(latents=latents, log_probs=log_probs.T, images=self.decode(vae_params, x_0))
 
     def decode(self, vae_params: Params, latents: jax.Array) -> jax.Array:
-        """VAE-decodes NCHW latents to uint8[B, H, W, 3] images."""
+        """VAE-decodes NCHW latents to uint8[B, H, W, 3] images, in `decode_chunks` sequential chunks."""
+        batch, n = latents.shape[0], self.decode_chunks
+        if n <= 1 or batch % n:
+            return self._decode(vae_params, latents)
+        chunks = jnp.moveaxis(latents.reshape(batch // n, n, *latents.shape[1:]), 1, 0)  # [n, B/n, ...]: chunk i = rows i::n
+        images = jax.lax.map(lambda z: self._decode(vae_params, z), chunks)
+        return jnp.moveaxis(images, 0, 1).reshape(batch, *images.shape[2:])
+
+    def _decode(self, vae_params: Params, latents: jax.Array) -> jax.Array:
         images = self.vae.apply({"params": vae_params}, latents / self.scaling_factor).astype(jnp.float32)
         images = jnp.clip(jnp.transpose(images, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
         return jnp.round(images * 255).astype(jnp.uint8)

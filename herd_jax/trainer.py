@@ -93,6 +93,17 @@ def encode_prompts(sd: Any, prompts: Sequence[str], negative_prompt: str) -> tup
     return embeds[:-1], embeds[-1:]
 
 
+# Images one device VAE-decodes at once in a rollout (more are decoded in sequential chunks):
+# at 512 px each takes ~0.6 GiB of fp32 decoder activations, so a batch of 16 decoded at once
+# needs ~10 GiB (memory_plan); 4 keep the decode small next to the UNet and still fill a GPU.
+DECODE_BATCH = 4
+
+
+def decode_chunks(local_batch: int, decode_batch: int = DECODE_BATCH) -> int:
+    """The fewest chunks that divide the per-device batch into at most `decode_batch` images each."""
+    return min(n for n in range(1, local_batch + 1) if local_batch % n == 0 and local_batch // n <= decode_batch) if local_batch else 1
+
+
 def make_rollout(
     policy: Policy, mesh: jax.sharding.Mesh, unet_shardings: Any = None, frozen_shardings: Frozen | None = None
 ) -> Callable[..., Trajectory]:
@@ -104,7 +115,9 @@ def make_rollout(
     """
 
     def rollout(unet_params, frozen: Frozen, prompt_ids, key):
-        return policy.rollout(unet_params, frozen.vae, frozen.goal_embeds[prompt_ids], frozen.uncond, key)
+        chunks = decode_chunks(prompt_ids.shape[0] // mesh.size)
+        decoding = dataclasses.replace(policy, decode_chunks=chunks) if chunks > 1 else policy
+        return decoding.rollout(unet_params, frozen.vae, frozen.goal_embeds[prompt_ids], frozen.uncond, key)
 
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
     unet_at = replicated if unet_shardings is None else unet_shardings

@@ -65,8 +65,10 @@ def test_bf16_activations_are_smaller(rows):
     # The batch-proportional part of temp (activations) is smaller in bf16. (The fixed part is not
     # on XLA:CPU, which keeps bf16 copies of the float32 params and upcasts bf16 convolutions; see README.)
     # Attention logits and softmax are float32 in both (jax.nn.dot_product_attention, as diffusers'
-    # upcast_attention): measured 0.76 of fp32's growth on the tiny model (0.50 with a bf16 softmax).
-    assert bf16_growth < 0.8 * fp32_growth
+    # upcast_attention), and so are the DDIM latents: measured 0.92 of fp32's growth on the tiny
+    # model under the memory-optimised scheduler the planner compiles with (0.76 under XLA:CPU's
+    # default concurrency-optimised one, whose larger temporaries are mostly activations).
+    assert bf16_growth < 0.95 * fp32_growth
     # Params stay float32 in both: identical argument bytes.
     assert rows["rollout", "bf16", 1].argument == rows["rollout", "fp32", 1].argument
 
@@ -86,5 +88,7 @@ def test_table_and_cli_errors(rows, capsys):
     with pytest.raises(SystemExit):
         mp.parse_args(["--devices", "2", "--batch", "3"])
     assert "not a multiple of --devices" in capsys.readouterr().err
+    # Only the planned phases' sizes must divide --devices (the rollout default 1 does not matter here).
+    assert mp.parse_args(["--devices", "8", "--phases", "train", "--train_batch", "32"]).train_batch == [32]
     args = mp.parse_args(["--full"])
     assert args.batch == args.train_batch == [1, 2, 4, 8]

@@ -49,3 +49,16 @@ def test_sharded_rollout_equals_single_device(trajectory, tmp_path):
     np.testing.assert_allclose(sharded["latents"], trajectory["latents"], atol=1e-4)
     np.testing.assert_allclose(sharded["log_probs"], trajectory["log_probs"], atol=1e-4)
     assert np.abs(sharded["images"].astype(int) - trajectory["images"].astype(int)).max() <= 1
+
+
+def test_chunked_vae_decode_gives_the_same_images(tiny_sd, tiny_policy):
+    import dataclasses
+
+    from herd_jax import trainer
+
+    # Fewest chunks with at most DECODE_BATCH images per device each; 1 where the batch is small.
+    assert [trainer.decode_chunks(b, 4) for b in (0, 1, 4, 6, 8, 16, 7)] == [1, 1, 1, 2, 2, 4, 7]
+    latents = jax.random.normal(jax.random.PRNGKey(1), (8, *tiny_policy.latent_shape))
+    whole = jax.jit(tiny_policy.decode)(tiny_sd.params["vae"], latents)
+    chunked = jax.jit(dataclasses.replace(tiny_policy, decode_chunks=4).decode)(tiny_sd.params["vae"], latents)
+    assert chunked.shape == whole.shape and np.array_equal(np.asarray(chunked), np.asarray(whole))
