@@ -352,22 +352,14 @@ def _layout_message(checkpoints: Checkpoints, step: int, cfg: config_lib.Config 
         saved = config_lib.load_config([saved_config(checkpoints)])
     except CheckpointError:
         return where
-    before, now = _flat(config_lib.to_dict(saved)), _flat(config_lib.to_dict(cfg))
+    from flax.traverse_util import flatten_dict
+
+    before, now = (flatten_dict(config_lib.to_dict(c), sep=".") for c in (saved, cfg))
     changed = [k for k in now if before.get(k) != now[k] and not k.startswith(_LAYOUT_NEUTRAL)]
     if not changed:
         return f"{where}; resume it with the config it was saved with, or pass a new --run_dir"
     diffs = ", ".join(f"{k} {before.get(k)!r} -> {now[k]!r}" for k in changed[:4])
     return f"{where}: it was written with other settings ({diffs}); resume without changing them, or pass a new --run_dir"
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def prepare_resume(checkpoints: Checkpoints, restored_step: int, run_dir: str | os.PathLike) -> None:

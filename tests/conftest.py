@@ -62,11 +62,14 @@ def tiny_policy(tiny_sd):
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`), every test module is one group unless its tests
-    name another (`xdist_group("tiny_runs")` spans modules): a module's expensive module-scoped
-    fixtures (tiny runs, multi-process runs, compiled models) then run on one worker, once,
-    instead of once on every worker that gets one of its tests."""
-
+    """Under pytest-xdist (`--dist loadgroup`), a test module whose tests share a module-scoped
+    fixture (tiny runs, multi-process runs, compiled models) is one group, unless its tests name
+    another (`xdist_group("tiny_runs")` spans modules): the fixture then runs once, on one worker,
+    instead of once on every worker that gets one of its tests. Other tests spread one by one."""
     for item in items:
-        if not any(m.name == "xdist_group" for m in item.iter_markers()):
+        if any(m.name == "xdist_group" for m in item.iter_markers()):
+            continue
+        definitions = getattr(item, "_fixtureinfo", None)
+        scopes = {d.scope for defs in (definitions.name2fixturedefs.values() if definitions else ()) for d in defs}
+        if "module" in scopes:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -321,8 +321,8 @@ def unet_value_and_grad():
 
 
 # (chunked attention with remat=blocks compiled for 5 minutes on 2 loaded cores: chunked attention's
-# gradients are checked at the layer, test_chunked_attention_matches_xla; remat=blocks in the update, test_update_paths.)
-@pytest.mark.parametrize("attention, remat", [("chunked", "none"), ("xla", "dots")])
+# gradients are checked at the layer, test_chunked_attention_matches_xla; the training policy's remat, test_update_paths.)
+@pytest.mark.parametrize("attention, remat", [("chunked", "none"), ("xla", "blocks"), ("xla", "dots")])
 def test_attention_and_remat_choices_match_plain(sd, unet_value_and_grad, attention, remat):
     """Outputs within 1e-5 and gradients within 1e-4 of the largest gradient entry (float32)."""
     inputs = _unet_inputs()

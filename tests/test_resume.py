@@ -21,13 +21,13 @@ from herd_jax import config as config_lib  # noqa: E402
 from test_checkpoint import TINY, TINY_FILE, assert_trees_identical, raw_state  # noqa: E402
 from tracing import count_traces  # noqa: E402
 
-# herd (fp32, full) is the tiny runs' algorithm (test_checkpoint.py). ddpo, LoRA and bf16 share one
-# run: each compile costs the suite ~1 minute on 2 cores, and a resume bug in any of the three fails it.
+# herd (fp32, full) is the tiny runs' algorithm (test_checkpoint.py). ddpg (ddpo's loss and update
+# plus its behaviour branch), LoRA and bf16 share one run: each build costs the suite about a CPU
+# minute of compiling on 2 cores, and a resume bug in any of them fails it.
 VARIANTS = {
-    "ddpo-lora-bf16": ["algorithm.name=ddpo", "train.trainable=lora", "precision=bf16", "train.clip_range=1e-3"],
     # ε = 0.5 with this seed: epoch 0 samples from the current policy and epoch 1 from the frozen
     # pretrained UNet (asserted below), so the resumed epoch takes the pretrained branch.
-    "ddpg": ["algorithm.name=ddpg", "ddpg.epsilon=0.5", "seed=1"],
+    "ddpg-lora-bf16": ["algorithm.name=ddpg", "ddpg.epsilon=0.5", "seed=1", "train.trainable=lora", "precision=bf16", "train.clip_range=1e-3"],
     "dpok": ["algorithm.name=dpok"],
     "grpo": ["algorithm.name=grpo", "grpo.group_size=2", "grpo.kl_weight=0.1"],
 }
@@ -57,7 +57,7 @@ def test_resume_is_bit_exact(variant, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "run_epoch", run_epoch)
     assert traces[0] > 5 and traces[1] == 0, f"traces per epoch: {traces} (the second epoch must reuse every compiled step)"
     assert checkpoint.find(straight).steps == (2, 1)
-    if variant == "ddpg":
+    if variant.startswith("ddpg"):
         assert [m["rollout/from_pretrained"] for m in history] == [0.0, 1.0], "pick another seed: both branches must run"
     resumed = tmp_path / "resumed"
     train_and_evaluate(_config(resumed, overrides), progress=False, resume=str(straight / "checkpoints" / "1"))
