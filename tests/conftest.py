@@ -74,9 +74,3 @@ def pytest_collection_modifyitems(config, items):
         if "module" in scopes:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
-
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: one worker more than the CPUs. A worker is idle about a third of the time here
-    (waiting for its training subprocesses, the reward sidecar, checkpoint I/O), so two workers on
-    two cores left a third of the CPU unused (measured: 134% of 200% over a whole fresh-clone run)."""
-    return (os.cpu_count() or 1) + 1
