@@ -31,7 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.xdist_group("tiny_runs")  # the session's shared tiny runs live on one worker
+pytestmark = [
+    pytest.mark.xdist_group("tiny_runs"),  # the session's shared tiny runs live on one worker
+    pytest.mark.usefixtures("reuse_builds"),  # in-process runs of one config share a build (tests/builds.py)
+]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:

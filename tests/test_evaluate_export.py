@@ -12,7 +12,10 @@ from herd_jax import checkpoint, evaluate, export
 from test_checkpoint import tiny_runs
 from torch_threads import torch_one_thread
 
-pytestmark = pytest.mark.xdist_group("tiny_runs")  # the session's shared tiny runs live on one worker
+pytestmark = [
+    pytest.mark.xdist_group("tiny_runs"),  # the session's shared tiny runs live on one worker
+    pytest.mark.usefixtures("reuse_builds"),  # in-process runs of one config share a build (tests/builds.py)
+]
 
 CELL = 32 + 2  # a 32x32 tiny-model image plus image_grid's border
 

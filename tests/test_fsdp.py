@@ -21,7 +21,7 @@ TOLERANCE = 3e-6
 
 @pytest.fixture(scope="module")
 def epochs():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
     result = subprocess.run([sys.executable, str(HERE / "fsdp_script.py")], env=env, capture_output=True, text=True, timeout=900, cwd=HERE.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -497,8 +497,8 @@ def test_imagereward_without_weights_fails_with_one_clear_line(
     assert "hub download failed" in message and "offline" in message
 
 
-def _train_two_epochs(tiny_imagereward, tmp_path, kill_sidecar: bool) -> tuple[list[np.ndarray], str]:
-    """Two ddpo epochs of the tiny SD scored by the tiny ImageReward; optionally SIGKILL its sidecar mid-run."""
+def _build(tiny_imagereward, tmp_path):
+    """ddpo on the tiny SD scored by the tiny ImageReward: (setup, initial state)."""
     from herd_jax import config as config_lib
     from herd_jax import trainer
 
@@ -512,7 +512,17 @@ def _train_two_epochs(tiny_imagereward, tmp_path, kill_sidecar: bool) -> tuple[l
          'algorithm.name="ddpo"', f"prompts={str(prompts)!r}"],
     )
     cfg.reward = dataclasses.replace(tiny_imagereward["cfg"])
-    setup, state = trainer.build(cfg)
+    return trainer.build(cfg)
+
+
+def _train_two_epochs(setup, initial, kill_sidecar: bool) -> tuple[list[np.ndarray], str]:
+    """Two epochs from a copy of `initial` scored by `setup.reward` (closed after); optionally SIGKILL its worker mid-run."""
+    import jax
+    import jax.numpy as jnp
+
+    from herd_jax import trainer
+
+    state = jax.tree.map(jnp.copy, initial)  # the update donates its inputs
     rewards = []
     try:
         for epoch in range(2):
@@ -527,8 +537,10 @@ def _train_two_epochs(tiny_imagereward, tmp_path, kill_sidecar: bool) -> tuple[l
 
 @needs_env
 def test_run_continues_with_nothing_lost_when_the_sidecar_is_killed(tiny_imagereward, tmp_path):
-    straight, _ = _train_two_epochs(tiny_imagereward, tmp_path / "straight", kill_sidecar=False)
-    killed, log = _train_two_epochs(tiny_imagereward, tmp_path / "killed", kill_sidecar=True)
+    setup, initial = _build(tiny_imagereward, tmp_path)  # one build (its compiles) for both runs
+    straight, _ = _train_two_epochs(setup, initial, kill_sidecar=False)
+    with_new_sidecar = dataclasses.replace(setup, reward=make_reward(setup.cfg.reward))
+    killed, log = _train_two_epochs(with_new_sidecar, initial, kill_sidecar=True)
     assert "killed by SIGKILL; restarting" in log
     for a, b in zip(straight, killed):
         assert np.isfinite(b).all() and len(b) == len(a)

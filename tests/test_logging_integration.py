@@ -16,7 +16,10 @@ from PIL import Image
 from test_checkpoint import NUM_EPOCHS, tiny_runs
 from test_metrics import _history_rows, _read_tfrecords, _read_wandb_records
 
-pytestmark = pytest.mark.xdist_group("tiny_runs")  # the session's shared tiny runs live on one worker
+pytestmark = [
+    pytest.mark.xdist_group("tiny_runs"),  # the session's shared tiny runs live on one worker
+    pytest.mark.usefixtures("reuse_builds"),  # in-process runs of one config share a build (tests/builds.py)
+]
 
 # Scalars every epoch must log, whatever the algorithm.
 

@@ -45,7 +45,7 @@ def launch(cmd: list[str], count: int) -> list[subprocess.Popen]:
     # loads every program while process 1 compiles it, and a process that reaches a new gloo
     # collective > 30 s before the other fails ("Gloo context initialization failed:
     # GetKeyValue() timed out"). Both compiling keeps them in step.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONUNBUFFERED="1", JAX_ENABLE_COMPILATION_CACHE="false")
+    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2", PYTHONUNBUFFERED="1", JAX_ENABLE_COMPILATION_CACHE="false")
     port = free_port()
     return [
         subprocess.Popen(

@@ -313,7 +313,7 @@ print("SHARDED-OK")
 def test_sharded_buffer_matches_unsharded():
     """On 4 forced CPU devices (own process), a capacity-sharded buffer gives the same results."""
     repo = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARDED_SCRIPT)], env=env,
                           cwd=repo, capture_output=True, text=True, timeout=120)

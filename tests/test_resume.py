@@ -4,7 +4,10 @@ Each variant trains epochs 0..1 straight (checkpoints 1 and 2), then resumes a n
 from checkpoint 1 and trains epoch 1 again; its checkpoint 2 must equal the straight one byte for
 byte: params, optimizer state, RNG key, statistics, buffers, the value net. herd in float32 is
 covered by tests/test_checkpoint.py (resume after a SIGKILL mid-save). The straight run's second
-epoch must also trace nothing new (tests/tracing.py): every compiled step is reused.
+epoch must also trace nothing new (tests/tracing.py): every compiled step is reused. The resumed
+run reuses the straight run's build (tests/builds.py: its compiled steps and a fresh copy of the
+initial state, which the restore overwrites); a fresh process resuming is tested by
+tests/test_checkpoint.py's killed `train.py` runs.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ def _config(run_dir: pathlib.Path, overrides: list[str]) -> config_lib.Config:
     return config_lib.load_config([TINY_FILE], [*TINY, *overrides, f"run_dir={str(run_dir)!r}", "num_epochs=2", "logging.log_with='none'"])
 
 
+@pytest.mark.usefixtures("reuse_builds")
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_resume_is_bit_exact(variant, tmp_path, monkeypatch):
     from herd_jax import trainer

@@ -41,7 +41,7 @@ def test_recomputed_log_probs_match_sampling(trajectory, tiny_sd, tiny_policy):
 
 
 def test_sharded_rollout_equals_single_device(trajectory, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4")
     out = tmp_path / "sharded.npz"
     subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / "rollout_script.py"), str(out)], env=env, check=True, timeout=600)
     sharded = np.load(out)

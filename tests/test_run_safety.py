@@ -26,7 +26,10 @@ from herd_jax import checkpoint, rundir  # noqa: E402
 from herd_jax.errors import ExitCode  # noqa: E402
 from test_checkpoint import TINY, TINY_FILE, _toy_run, assert_trees_identical, raw_state, tiny_runs  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("tiny_runs")  # shares the session's runs with test_checkpoint.py
+pytestmark = [
+    pytest.mark.xdist_group("tiny_runs"),  # shares the session's runs with test_checkpoint.py
+    pytest.mark.usefixtures("reuse_builds"),  # its in-process runs reuse the straight run's build (tests/builds.py)
+]
 
 
 @pytest.fixture(scope="module")
