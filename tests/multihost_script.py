@@ -8,14 +8,13 @@ Usage: multihost_script.py RUN_DIR OUT.npz [train.py flags and overrides, e.g. t
 2. `train.main --resume RUN_DIR/checkpoints/1 --run_dir RUN_DIR_resumed`: every process restores
    checkpoint 1 from disk, trains epoch 1 and saves checkpoint 2 again. It prints RESUME_MARKER
    first, so the test can read this call's own output.
-3. The same 2 epochs from the same initial state, but each update runs on this process's own
-   devices and sees only this process's rows of the batch (`own_rows_update`): no gradient
-   crosses processes. Process 0 writes the final params and process/device counts to OUT.npz.
-   With one process this is the ordinary update (all rows are its own); the test checks that,
-   so with two the variant differs from a real run only by the missing reduction.
-All three share one `trainer.build` (`build_once`): every process compiles each program it runs
-(JAX's persistent compile cache is off for the multi-process test, see test_multihost.launch),
-so a second build would compile everything again.
+3. Only in a single process (the test's reference): the same 2 epochs from the same initial
+   state, with each update fed only the first half of the batch's rows (`half_rows_update`):
+   what process 0 of 2 computes when no gradient crosses processes. Written to OUT.npz.
+Process 0 writes the process and device counts to OUT.npz. 1 and 2 share one `trainer.build`
+(`build_once`): every process compiles each program it runs (JAX's persistent compile cache is
+off for the multi-process test, see test_multihost.launch), so a second build would compile
+everything again.
 """
 from __future__ import annotations
 
@@ -41,44 +40,24 @@ RESUME_MARKER = "=== multihost_script: resume ==="
 DISTRIBUTED_FLAGS = ("--coordinator_address", "--num_processes", "--process_id")
 
 
-def own_rows_update(setup, cfg):
-    """Replaces setup.steps.update by the same update built by `trainer.build` on this process's
-    devices only, fed only this process's rows: each process steps on its own gradient."""
+def half_rows_update(setup, cfg, share: int = 2):
+    """Replaces setup.steps.update by the same update built for 1/`share` of the batch and fed
+    only the batch's first rows: a process of `share` stepping on its own gradient alone."""
     import jax
-    import numpy as np
-    from jax.sharding import Mesh
 
     from herd_jax import config as config_lib
-    from herd_jax import parallel, trainer
+    from herd_jax import trainer
 
-    share = jax.process_count()
     local_cfg = config_lib.load_config(
         [config_lib.to_dict(cfg)],
         [f"sample.batch_size={cfg.sample.batch_size // share}", f"train.batch_size={cfg.train.batch_size // share}"],
     )
-    local_mesh = lambda devices=None: Mesh(np.asarray(jax.local_devices()), (parallel.DATA_AXIS,))
-    with mock.patch.object(parallel, "make_mesh", local_mesh):
-        local, _ = trainer.build(local_cfg)
+    local, _ = trainer.build(local_cfg)
     local.reward.close()
 
-    def rows(x):  # this process's rows of a batch-sharded global array, in order
-        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-        return jax.device_put(np.concatenate([np.asarray(s.data) for s in shards]), parallel.batch_sharded(local.mesh))
-
-    def local_copy(x):  # a replicated global array as a replicated array on this process's devices
-        return jax.device_put(np.asarray(x.addressable_data(0)), parallel.replicated(local.mesh))
-
     def update(params, opt_state, frozen, batch, timesteps, key):
-        params, opt_state, info = local.steps.update(
-            *jax.tree.map(local_copy, (params, opt_state, frozen)), jax.tree.map(rows, batch), local_copy(timesteps), local_copy(key)
-        )
-        # Back to "replicated" global arrays whose values now differ between processes (which
-        # `jax.device_put` would refuse: it checks that every process passes the same value).
-        sharding = parallel.replicated(setup.mesh)
-        to_global = lambda x: jax.make_array_from_single_device_arrays(
-            x.shape, sharding, [jax.device_put(x.addressable_data(0), d) for d in sharding.addressable_devices]
-        )
-        return jax.tree.map(to_global, params), jax.tree.map(to_global, opt_state), info
+        rows = lambda x: x[: x.shape[0] // share]
+        return local.steps.update(params, opt_state, frozen, jax.tree.map(rows, batch), timesteps, key)
 
     setup.steps = setup.steps._replace(update=update)
 
@@ -123,13 +102,15 @@ def main(run_dir: str, out: str, flags: list[str]) -> None:
         resume = ["--resume", str(pathlib.Path(run_dir) / "checkpoints" / "1"), "--run_dir", f"{run_dir}_resumed"]
         assert train.main([*FLAGS, *resume, *OVERRIDES, *overrides]) == 0
 
-    setup, initial = build_once(built[0][0].cfg)  # 3.
-    own_rows_update(setup, setup.cfg)
-    state = initial
-    for _ in range(setup.cfg.num_epochs):
-        state, _, _ = trainer.run_epoch(setup, state)
-    setup.reward.close()
-    params = {jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0)) for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+    if jax.process_count() == 1:  # 3.
+        setup, state = build_once(built[0][0].cfg)
+        half_rows_update(setup, setup.cfg)
+        for _ in range(setup.cfg.num_epochs):
+            state, _, _ = trainer.run_epoch(setup, state)
+        setup.reward.close()
+        params = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+    else:
+        params = {}
     if parallel.is_main_process():
         np.savez(out, num_processes=jax.process_count(), num_devices=len(jax.devices()), **params)
 

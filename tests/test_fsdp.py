@@ -1,5 +1,6 @@
-"""FSDP (`parallel.fsdp`): on 4 forced host devices the sharded update gives the replicated
-one's params after an epoch, for full fine-tuning and LoRA; and the sharding rule itself."""
+"""FSDP (`parallel.fsdp`): on 4 forced host devices the sharded scanned update gives the
+replicated one's params after an epoch of full fine-tuning; LoRA's frozen base is sharded; and
+the sharding rule itself (tests/fsdp_script.py says why LoRA is only placed, not trained)."""
 import json
 import os
 import pathlib
@@ -15,8 +16,10 @@ from herd_jax import parallel
 
 HERE = pathlib.Path(__file__).resolve().parent
 # Stated tolerance: the same arithmetic with gradients reduced across devices in another order
-# (reduce-scatter vs all-reduce); measured max |Δparam| ~1e-8 after one epoch (lr 3e-4).
-TOLERANCE = 3e-6
+# (reduce-scatter vs all-reduce) and the scanned update partitioned another way; measured max
+# |Δparam| 1.75e-6 after one epoch (2026-12-02; the host loop's: ~1e-8), while the params move up
+# to 3e-4 (lr 3e-4, one AdamW step): 10x the tolerance must still fit under that.
+TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +30,23 @@ def epochs():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["full", "lora"])
-def test_fsdp_update_equals_replicated(epochs, case):
+def test_fsdp_update_equals_replicated(epochs):
     assert epochs["devices"] == 4
-    r = epochs[case]
-    print(f"{case}: params moved {r['moved']:.3g}, max |fsdp - replicated| {r['diff']:.3g}, where {r['fsdp_where']}")
+    r = epochs["full"]
+    print(f"full: params moved {r['moved']:.3g}, max |fsdp - replicated| {r['diff']:.3g}, where {r['fsdp_where']}")
     assert r["same_start"]
     assert r["diff"] <= TOLERANCE
     assert r["moved"] >= 10 * TOLERANCE
-    # Really sharded under FSDP (the UNet: trained params for full fine-tuning, the frozen base for
-    # LoRA), and still after the update; really replicated without it.
-    assert r["fsdp_where"]["unet"] > 0.9
-    assert r["replicated_where"]["unet"] == 0.0 and r["replicated_where"]["params"] == 0.0
-    if case == "full":
-        assert r["fsdp_where"]["params"] > 0.9 and r["fsdp_where"]["opt_state"] > 0.9 and r["fsdp_where"]["params_after"] > 0.9
+    # Really sharded under FSDP (params and both AdamW moments, still after the update); really
+    # replicated without it.
+    assert r["fsdp_where"]["params"] > 0.9 and r["fsdp_where"]["opt_state"] > 0.9 and r["fsdp_where"]["params_after"] > 0.9
+    assert r["replicated_where"]["unet"] == 0.0 and r["replicated_where"]["params"] == 0.0 and r["replicated_where"]["params_after"] == 0.0
+
+
+def test_fsdp_shards_lora_frozen_base(epochs):
+    r = epochs["lora"]
+    assert r["fsdp_where"]["unet"] > 0.9 and r["replicated_where"]["unet"] == 0.0
+    assert r["fsdp_where"]["params"] == 0.0  # rank-2 adapters: too small to split (the rule's minimum size)
 
 
 def test_fsdp_sharding_rule():

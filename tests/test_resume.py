@@ -37,7 +37,7 @@ VARIANTS = {
 
 
 def _config(run_dir: pathlib.Path, overrides: list[str]) -> config_lib.Config:
-    return config_lib.load_config([TINY_FILE], [*TINY, *overrides, f"run_dir={str(run_dir)!r}", "num_epochs=2", "logging.log_with='none'"])
+    return config_lib.load_config([TINY_FILE], [*TINY, *overrides, f"run_dir={str(run_dir)!r}", "num_epochs=2", "logging.log_with='none'", "eval.every=0"])
 
 
 @pytest.mark.usefixtures("reuse_builds")
