@@ -47,6 +47,8 @@ def test_two_epoch_run_on_tiny_model(tmp_path):
         (["--config", "configs/tiny.toml", "--algorithm", "ddpg", "train.estimator=sf"], r"train.estimator=sf is biased with ddpg"),
         (["--config", "configs/tiny.toml", "--algorithm", "ddpo", "train.estimator=sf", "train.num_inner_epochs=2"], r"biased with train.num_inner_epochs=2"),
         (["--config", "configs/tiny.toml", "--algorithm", "ddpo", "train.estimator=sf", "sample.num_batches_per_epoch=2"], r"biased with \d+ minibatches per epoch"),
+        (["--config", "configs/tiny.toml", "--algorithm", "ddpg", "ddpg.rho_bar=0"], r"ddpg.rho_bar must be > 0"),
+        (["--config", "configs/tiny.toml", "--algorithm", "ddpg", "ddpg.correction=vtrace"], r"ddpg.correction='vtrace' is not one of: ratio, truncated"),
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, argv, pattern):

@@ -139,3 +139,43 @@ def test_copies_of_one_trajectory_get_distinct_goals(strategy):
         assert int(goal[i]) not in asked
     if strategy == "sentence":
         assert [int(((row == i) & valid).sum()) for i in range(4)] == [3, 2, 0, 1]
+
+
+# --- ddpg's pretrained epochs: the same truncated weight -------------------------------------
+
+
+def test_ddpg_truncated_weights_pretrained_epochs(herd_setup, tiny_policy):
+    """Samples of the pretrained UNet trained under other params: advantages are the `ratio`
+    variant's times min(ρ̄, π_θ / π_pre) per step, the clip's reference is log π_θ; under the
+    sampling params themselves every weight is 1."""
+    from herd_jax import config as config_lib
+    from herd_jax.algorithms import ddpg
+    from herd_jax.algorithms.api import Context
+
+    _, fresh, frozen, pretrained = herd_setup
+    item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fresh)
+
+    def prepared(*overrides):
+        cfg = config_lib.load_config([], ["algorithm.name='ddpg'", "sample.batch_size=4", "sample.num_batches_per_epoch=1", "train.stats_min_count=1", *overrides])
+        algorithm = ddpg.make(Context(cfg, tiny_policy, ("a red cat", "a blue dog", "a green car"), 4, item))
+        prepare = jax.jit(algorithm.prepare)
+        return lambda params: prepare(algorithm.init(), stats.init(3, 4), fresh, None, None, params, frozen, jnp.int32(0), jax.random.PRNGKey(0))
+
+    leaves, treedef = jax.tree.flatten(pretrained)
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    moved = jax.tree.unflatten(treedef, [x + 1e-3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    ratio, truncated = prepared(), prepared("ddpg.correction='truncated'", "ddpg.rho_bar=1.0")
+    plain, _, _, _ = ratio(moved)
+    batch, _, _, metrics = truncated(moved)
+    target = np.asarray(jax.jit(tiny_policy.trajectory_log_probs)(moved, fresh.latents, fresh.cond, frozen.uncond), np.float64)
+    num_dims = int(np.prod(tiny_policy.latent_shape))
+    raw = np.exp(num_dims * (target - np.asarray(fresh.log_probs, np.float64)))
+    assert (raw < 1).any() and (raw > 1).any()  # both sides of the truncation exercised
+    np.testing.assert_allclose(np.asarray(batch.advantages), np.asarray(plain.advantages) * np.minimum(1.0, raw), rtol=2e-3, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(batch.log_probs), target, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(plain.log_probs), np.asarray(fresh.log_probs))  # `ratio`: the behaviour's
+    assert float(metrics["ddpg/ess"]) < 1.0
+    # The sampling params themselves (the current policy's epochs): every weight 1, DDPO.
+    same, _, _, same_metrics = truncated(pretrained)
+    assert float(same_metrics["ddpg/ess"]) == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_allclose(np.asarray(same.advantages), np.asarray(ratio(pretrained)[0].advantages), rtol=1e-2, atol=1e-6)

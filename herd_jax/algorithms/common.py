@@ -1,4 +1,5 @@
-"""Loss pieces shared by the policy-gradient algorithms: advantage and ratio clipping.
+"""Loss pieces shared by the policy-gradient algorithms: advantage and ratio clipping, and the
+truncated importance weights of off-policy rows (herd's replay, ddpg's pretrained epochs).
 
 Each loss is a pure function of per-sample arrays returning `(loss, info)`, where info holds
 `approx_kl` (½·E[(log π − log π_old)²], as DDPO logs it) and `clipfrac`.
@@ -89,3 +90,17 @@ def score_function_loss(
     log_ratio, ratio = safe_ratio(log_prob, old_log_prob)
     # No clip: with an infinite clip range ratio_info's clipfrac is 0.
     return weighted_mean(-advantages * log_prob, weights), ratio_info(log_ratio, ratio, jnp.inf, weights)
+
+
+def truncated_weights(target_log_probs: jax.Array, behaviour_log_probs: jax.Array, num_dims: int, rho_bar: float) -> jax.Array:
+    """min(ρ̄, π_target / π_b) per step from DDPO's per-dimension *mean* log-probs [N, T]: the
+    densities' log-ratio is num_dims × the difference of the means. Constant (stop-gradient)."""
+    log_ratio = num_dims * (jax.lax.stop_gradient(target_log_probs) - jax.lax.stop_gradient(behaviour_log_probs))
+    return jnp.exp(jnp.minimum(log_ratio, jnp.log(rho_bar)))
+
+
+def effective_sample_size(weights: jax.Array, mask: jax.Array) -> jax.Array:
+    """(Σw)² / (n Σw²) over the entries where mask is True, in (0, 1]; 1 when there are none."""
+    w = weights * mask
+    n = jnp.maximum(jnp.sum(mask), 1)
+    return jnp.where(jnp.sum(mask) > 0, jnp.sum(w) ** 2 / jnp.maximum(n * jnp.sum(w**2), 1e-30), 1.0)

@@ -57,6 +57,7 @@ import numpy as np
 from herd_jax import replay
 from herd_jax import stats as stats_lib
 from herd_jax.algorithms import api, ddpo
+from herd_jax.algorithms.common import effective_sample_size, truncated_weights
 from herd_jax.errors import ConfigError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
@@ -184,20 +185,6 @@ class HerdState(NamedTuple):
 
     buffer: replay.ReplayBuffer
     relabeled: stats_lib.PromptStats  # per goal: every scored (image, goal′) pair's reward
-
-
-def truncated_weights(target_log_probs: jax.Array, behaviour_log_probs: jax.Array, num_dims: int, rho_bar: float) -> jax.Array:
-    """min(ρ̄, π_target / π_b) per step from DDPO's per-dimension *mean* log-probs [N, T]: the
-    densities' log-ratio is num_dims × the difference of the means. Constant (stop-gradient)."""
-    log_ratio = num_dims * (jax.lax.stop_gradient(target_log_probs) - jax.lax.stop_gradient(behaviour_log_probs))
-    return jnp.exp(jnp.minimum(log_ratio, jnp.log(rho_bar)))
-
-
-def effective_sample_size(weights: jax.Array, mask: jax.Array) -> jax.Array:
-    """(Σw)² / (n Σw²) over the entries where mask is True, in (0, 1]; 1 when there are none."""
-    w = weights * mask
-    n = jnp.maximum(jnp.sum(mask), 1)
-    return jnp.where(jnp.sum(mask) > 0, jnp.sum(w) ** 2 / jnp.maximum(n * jnp.sum(w**2), 1e-30), 1.0)
 
 
 def make(ctx: api.Context) -> api.Algorithm:
