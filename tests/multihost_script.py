@@ -67,6 +67,7 @@ def main(run_dir: str, out: str, flags: list[str]) -> None:
     import numpy as np
 
     import train
+    from builds import host_copy  # tests/builds.py (this script's directory is on sys.path)
     from herd_jax import config as config_lib
     from herd_jax import parallel, trainer
     from herd_jax.rewards import make_reward
@@ -77,24 +78,16 @@ def main(run_dir: str, out: str, flags: list[str]) -> None:
     built = []
     real_build = trainer.build
 
-    def copy(tree):  # new buffers (the update donates its inputs), through the host: no compiles
-        return jax.tree.map(
-            lambda x: jax.make_array_from_single_device_arrays(
-                x.shape, x.sharding, [jax.device_put(np.array(s.data), s.device) for s in x.addressable_shards]
-            ),
-            tree,
-        )
-
     def build_once(cfg):
         """The first build, then the same Setup (fresh reward, this cfg) and a copy of its initial state."""
         if not built:
             setup, state = real_build(cfg)
-            built.append((setup, copy(state)))
+            built.append((setup, host_copy(state)))  # the update donates its inputs
             return setup, state
         setup, initial = built[0]
         without_run_dir = lambda c: dict(config_lib.to_dict(c), run_dir="")
         assert without_run_dir(cfg) == without_run_dir(setup.cfg), "a different config would need another build"
-        return dataclasses.replace(setup, cfg=cfg, reward=make_reward(cfg.reward)), copy(initial)
+        return dataclasses.replace(setup, cfg=cfg, reward=make_reward(cfg.reward)), host_copy(initial)
 
     with mock.patch.object(trainer, "build", build_once):
         assert train.main([*FLAGS, "--run_dir", run_dir, *distributed, *OVERRIDES, *overrides]) == 0  # 1.
