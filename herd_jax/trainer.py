@@ -221,13 +221,20 @@ def make_update(
     )
 
 
+def make_run_logger(cfg: config_lib.Config) -> Any:
+    """The run's metrics logger (`logging.log_with`) writing under `run_dir`, named after it; only the main process logs."""
+    from herd_jax.metrics import make_logger
+
+    run_dir = pathlib.Path(cfg.run_dir)
+    return make_logger(cfg.logging.log_with, run_dir, config=config_lib.to_dict(cfg), run_name=run_dir.name, is_main_process=parallel.is_main_process())
+
+
 def build(cfg: config_lib.Config, sd: Any = None) -> tuple[Setup, TrainState]:
     """Loads models, builds the algorithm, compiled functions and the initial state. Raises one-line errors.
 
     `sd`: an already loaded `herd_jax.models.StableDiffusion` instead of `cfg.model` (bench/sd15.py's
     random SD v1.5).
     """
-    from herd_jax.metrics import make_logger
     from herd_jax.models import load_pipeline
     from herd_jax.rewards import make_reward
 
@@ -272,7 +279,6 @@ def build(cfg: config_lib.Config, sd: Any = None) -> tuple[Setup, TrainState]:
     )
     e = cfg.eval
     eval_prompts = load_prompts(e.prompts)[: e.num_prompts] if e.prompts else prompts[: e.num_prompts]
-    run_dir = pathlib.Path(cfg.run_dir)
     setup = Setup(
         cfg=cfg,
         prompts=prompts,
@@ -284,9 +290,7 @@ def build(cfg: config_lib.Config, sd: Any = None) -> tuple[Setup, TrainState]:
         frozen=frozen,
         steps=steps,
         reward=make_reward(cfg.reward),
-        logger=make_logger(
-            cfg.logging.log_with, run_dir, config=config_lib.to_dict(cfg), run_name=run_dir.name, is_main_process=parallel.is_main_process()
-        ),
+        logger=make_run_logger(cfg),
         eval_prompts=(eval_prompts, encode_prompts(sd, eval_prompts, cfg.sample.negative_prompt)[0]),
     )
     return setup, state

@@ -44,10 +44,7 @@ def reusing(real_build):
     """`trainer.build` that reuses the first Setup of each config (see the module docstring)."""
 
     def build(cfg, sd=None):
-        import pathlib
-
-        from herd_jax import metrics, parallel, rewards
-        from herd_jax import config as config_lib
+        from herd_jax import rewards, trainer
 
         key = config_key(cfg)
         if sd is not None or key not in _built:
@@ -56,10 +53,6 @@ def reusing(real_build):
                 _built[key] = (setup, host_copy(state))
             return setup, state
         setup, initial = _built[key]
-        run_dir = pathlib.Path(cfg.run_dir)
-        logger = metrics.make_logger(
-            cfg.logging.log_with, run_dir, config=config_lib.to_dict(cfg), run_name=run_dir.name, is_main_process=parallel.is_main_process()
-        )
-        return dataclasses.replace(setup, cfg=cfg, reward=rewards.make_reward(cfg.reward), logger=logger), host_copy(initial)
+        return dataclasses.replace(setup, cfg=cfg, reward=rewards.make_reward(cfg.reward), logger=trainer.make_run_logger(cfg)), host_copy(initial)
 
     return build
