@@ -83,6 +83,8 @@ class RewardConfig:
     imagereward_python: str = ""
     timeout_s: float = 300.0
     max_restarts: int = 3
+    # color_success: 1 when the named colour's score (0-1) exceeds this; 1/8 is a grey image's score.
+    success_threshold: float = 0.125
 
 
 @dataclasses.dataclass
@@ -313,6 +315,7 @@ def validate(cfg: Config, num_devices: int) -> None:
     require(cfg.checkpoint.save_every >= 0, f"checkpoint.save_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint.save_every}")
     require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     require(cfg.reward.name in reward_names(), f"reward.name={cfg.reward.name!r} is not one of: {', '.join(reward_names())}")
+    require(0 <= cfg.reward.success_threshold < 1, f"reward.success_threshold must be in [0, 1), got {cfg.reward.success_threshold}")
     samples = s.batch_size * s.num_batches_per_epoch
     require(samples % t.batch_size == 0, f"samples per epoch ({samples}) must be a multiple of train.batch_size ({t.batch_size})")
     for key, value in [("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size)]:

@@ -163,3 +163,27 @@ def test_color_scores_rows_are_distributions_and_thread_safe():
     np.testing.assert_array_equal(threaded, reward(images, prompts))
     names = list(COLORS)
     np.testing.assert_array_equal(threaded, scores[np.arange(3), [names.index(parse_color(p)) for p in prompts]])
+
+
+def test_color_success_is_the_thresholded_named_colour_share():
+    """Sparse twin of `color`: success iff the named colour's share exceeds the threshold.
+
+    Known outcomes, not the reward's own helper: a pure blue image succeeds for blue and fails for
+    orange (its opposite hue), and vice versa; a grey image tinted red step by step fails, then
+    succeeds from some tint on (a single step, no flicker), and a higher threshold needs more tint.
+    """
+    reward = make_reward(RewardConfig(name="color_success"))
+    assert "color_success" in reward_names()
+    images = np.concatenate([solid(COLORS["blue"]), solid(COLORS["orange"])])
+    assert reward(images, ["a blue ball"] * 2).tolist() == [1.0, 0.0]
+    assert reward(images, ["an orange ball"] * 2).tolist() == [0.0, 1.0]
+    tints = np.stack([solid((128 + k, 128 - k, 128 - k))[0] for k in range(0, 64, 2)])
+
+    def first_success(threshold):
+        success = make_reward(RewardConfig(name="color_success", success_threshold=threshold))(tints, ["a red bird"] * len(tints))
+        assert set(success.tolist()) == {0.0, 1.0} and np.all(np.diff(success) >= 0)  # 0 ... 0 1 ... 1
+        return int(np.argmax(success))
+
+    assert first_success(0.3) < first_success(0.5) < first_success(0.7)
+    with pytest.raises(RewardError, match="names no known colour"):
+        reward(images[:1], ["a ball"])

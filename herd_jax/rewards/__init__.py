@@ -38,6 +38,7 @@ REWARDS: dict[str, Callable[[Any], Reward]] = {
     "jpeg_compressibility": _lazy("jpeg", "jpeg_compressibility"),
     "jpeg_incompressibility": _lazy("jpeg", "jpeg_incompressibility"),
     "color": _lazy("color", "color"),
+    "color_success": _lazy("color", "color_success"),
     "aesthetic": _lazy("aesthetic", "aesthetic"),
     "imagereward": _lazy("imagereward", "imagereward"),
 }

@@ -20,6 +20,11 @@ model can show whether hindsight relabeling helps:
 
 There is no argmax or threshold anywhere, so small colour shifts change the reward smoothly.
 White and black are palette colours too (luminance axis); grey is not (it is the origin).
+
+``color_success`` is its sparse twin, the thresholded success signal hindsight relabeling was
+made for (HER, Andrychowicz et al. 2017): 1 when the named colour's score exceeds
+``reward.success_threshold``, else 0. The default 1/8 is the share every palette colour gets on a
+grey image: success means the image leans towards the named colour more than a grey one does.
 Everything is vectorised numpy (which releases the GIL), chunked to bound memory.
 """
 from __future__ import annotations
@@ -152,3 +157,25 @@ def color(cfg: object = None) -> ColorReward:
     """Factory for the registry (the reward has no settings)."""
     del cfg
     return ColorReward()
+
+
+@dataclasses.dataclass
+class ColorSuccessReward:
+    """``reward(images, prompts)[i] = 1.0 if color_scores[i, named colour] > threshold else 0.0``."""
+
+    threshold: float = 1.0 / len(COLORS)
+    name: str = "color_success"
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        images = check_batch(images, prompts)
+        idx = color_indices(prompts)
+        return (color_scores(images)[np.arange(len(idx)), idx] > self.threshold).astype(np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def color_success(cfg: object = None) -> ColorSuccessReward:
+    """Factory for the registry: ``reward.success_threshold`` sets the threshold."""
+    threshold = getattr(cfg, "success_threshold", None)
+    return ColorSuccessReward() if threshold is None else ColorSuccessReward(float(threshold))
