@@ -81,6 +81,13 @@ PROMPTS = ("a red ball", "a red car")
 TASKS = {
     "color": Task("color", "color", PROMPTS),
     # Prompt-conditional colour: the goal decides the reward, so relabeling changes it.
+    # Goal-conditional colour: two opposite hues that the untrained tiny model scores alike
+    # (orange 0.114, blue 0.101 of a 0-1 score; red starts at 0.25 and would be a head start), so
+    # a prompt-blind policy cannot raise both and a relabeled copy's reward differs from its original.
+    "color2": Task("color2", "color", ("an orange ball", "a blue ball")),
+    # Its sparse twin: reward 1 when the named colour's share of the image exceeds 1/8 (a grey
+    # image's), else 0; the untrained model succeeds on ~12% of orange and ~8% of blue samples.
+    "color2_sparse": Task("color2_sparse", "color_success", ("an orange ball", "a blue ball")),
     "color4": Task("color4", "color", ("a red ball", "a green ball", "a blue ball", "a yellow ball")),
     # DDPO's JPEG compressibility (−kB): prompt-independent.
     "jpeg": Task("jpeg", "jpeg_compressibility", PROMPTS),
@@ -113,9 +120,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--algorithms", nargs="*", choices=ALGORITHMS, default=list(ALGORITHMS), help="variants named after the algorithm, preset settings")
     p.add_argument("--variant", type=parse_variant, action="append", default=[], help="an extra variant NAME=ALGORITHM[:key=value,...] (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--budget", type=int, default=960, help="reward queries per run")
+    p.add_argument("--budget", type=int, default=960, help="reward queries (or sampled trajectories, --budget_unit) per run")
+    p.add_argument("--budget_unit", choices=["queries", "trajectories"], default="queries",
+                   help="what --budget counts and the curves' x-axis: reward queries (herd's relabel scores count) or sampled trajectories (a rollout: the real cost of diffusion RL)")
     p.add_argument("--smooth", type=int, default=5, help="moving average over this many epochs before comparing curves")
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "learning"), help="directory for the CSV, PNGs and table")
+    p.add_argument("--reference", default="ddpo", help="the variant whose final reward the table's 'to reach' column measures against")
+    p.add_argument("--from_csv", nargs="+", default=[], help="redraw the table and PNGs from these learning.csv files (merged) instead of training")
     p.add_argument("--quick", action="store_true", help="1 seed, budget 320, color task only: a smoke run")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="a config override for every run, key=value (repeatable)")
     args = p.parse_args(argv)
@@ -164,8 +175,8 @@ def make_config(task: Task, variant: Variant, prompts_file: pathlib.Path, run_di
     )
 
 
-def run_variant(task: Task, variant: Variant, seeds: Sequence[int], budget: int, workdir: pathlib.Path, overrides: Sequence[str]) -> list[dict[str, Any]]:
-    """Trains `variant` on `task` once per seed until `budget` reward queries; one record per epoch."""
+def run_variant(task: Task, variant: Variant, seeds: Sequence[int], budget: int, workdir: pathlib.Path, overrides: Sequence[str], unit: str = "queries") -> list[dict[str, Any]]:
+    """Trains `variant` on `task` once per seed until `budget` reward queries or sampled trajectories (`unit`); one record per epoch."""
     import jax
     import jax.numpy as jnp
 
@@ -180,7 +191,8 @@ def run_variant(task: Task, variant: Variant, seeds: Sequence[int], budget: int,
         for seed in seeds:
             state = jax.tree.map(jnp.copy, initial).replace(rng=jax.random.PRNGKey(seed))
             start, epoch, runs = time.perf_counter(), 0, []
-            while int(state.reward_queries) < budget:
+            per_epoch = cfg.sample.batch_size * cfg.sample.num_batches_per_epoch
+            while (int(state.reward_queries) if unit == "queries" else epoch * per_epoch) < budget:
                 state, metrics, _ = trainer.run_epoch(setup, state)
                 if not math.isfinite(metrics["train/loss"]):  # as train_and_evaluate stops: the params are NaN from here on
                     print(f"  {task.name:6s} {variant.name:12s} seed {seed}: non-finite loss at epoch {epoch}; run stopped", flush=True)
@@ -194,9 +206,11 @@ def run_variant(task: Task, variant: Variant, seeds: Sequence[int], budget: int,
                         "algorithm": variant.algorithm,
                         "seed": seed,
                         "epoch": epoch,
+                        "trajectories": (epoch + 1) * per_epoch,
                         "queries": int(metrics["reward/queries"]),
                         "reward": metrics["reward/mean"],
                         "reward_balanced": balanced_reward(metrics),
+                        "reward_worst_prompt": min((v for k, v in metrics.items() if k.startswith("reward/prompt/")), default=metrics["reward/mean"]),
                         "seconds": time.perf_counter() - start,
                         "stopped": False,
                     }
@@ -216,8 +230,8 @@ def run_variant(task: Task, variant: Variant, seeds: Sequence[int], budget: int,
 # Curves and the table
 
 
-def curves(records: list[dict[str, Any]], budget: int, smooth: int, points: int = 64) -> dict[str, dict[str, Any]]:
-    """Per variant: the query grid and, per seed, the smoothed balanced reward at each grid point."""
+def curves(records: list[dict[str, Any]], budget: int, smooth: int, unit: str = "queries", points: int = 64) -> dict[str, dict[str, Any]]:
+    """Per variant: a grid of `unit` (queries or trajectories) and, per seed, the smoothed balanced reward at each point."""
     import numpy as np
 
     grid = np.linspace(0, budget, points + 1)[1:]
@@ -226,12 +240,12 @@ def curves(records: list[dict[str, Any]], budget: int, smooth: int, points: int 
         runs = []
         for seed in dict.fromkeys(r["seed"] for r in records if r["variant"] == variant):
             rows = [r for r in records if r["variant"] == variant and r["seed"] == seed]
-            q = np.array([r["queries"] for r in rows], float)
+            q = np.array([r[unit] for r in rows], float)
             y = np.array([r["reward_balanced"] for r in rows], float)
             kernel = np.ones(min(smooth, len(y)))
             y_smooth = np.convolve(y, kernel, "full")[: len(y)] / np.convolve(np.ones_like(y), kernel, "full")[: len(y)]
             # The curve at q: the smoothed reward of the last epoch finished with ≤ q queries
-            # (the last epoch may overshoot the budget by less than one epoch's queries).
+            # (or trajectories; the last epoch may overshoot the budget by less than one epoch's).
             idx = np.searchsorted(q, grid, side="right") - 1
             idx[-1] = len(q) - 1
             runs.append(np.where(idx >= 0, y_smooth[np.maximum(idx, 0)], np.nan))
@@ -242,7 +256,7 @@ def curves(records: list[dict[str, Any]], budget: int, smooth: int, points: int 
     return out
 
 
-def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: str = "ddpo") -> list[dict[str, Any]]:
+def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: str = "ddpo", unit: str = "queries") -> list[dict[str, Any]]:
     """One row per variant: start and final reward, and the queries to reach the reference's final reward.
 
     start / final: the mean over seeds of the first / last `smooth` epochs' reward (± std over
@@ -251,7 +265,7 @@ def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: 
     """
     import numpy as np
 
-    curve = curves(records, budget, smooth)
+    curve = curves(records, budget, smooth, unit)
     rows = []
     for variant, c in curve.items():
         starts, finals = [], []
@@ -272,12 +286,13 @@ def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: 
     return rows
 
 
-def table_markdown(task: str, rows: list[dict[str, Any]], budget: int, seeds: Sequence[int], smooth: int, reference: str = "ddpo") -> str:
+def table_markdown(task: str, rows: list[dict[str, Any]], budget: int, seeds: Sequence[int], smooth: int, reference: str = "ddpo", unit: str = "queries") -> str:
+    what = "reward queries" if unit == "queries" else "sampled trajectories"
     lines = [
-        f"Task `{task}`, budget {budget} reward queries, seeds {list(seeds)}; reward = fresh samples under their own prompts "
+        f"Task `{task}`, budget {budget} {what}, seeds {list(seeds)}; reward = fresh samples under their own prompts "
         f"(mean of per-prompt means); start/final = mean of the first/last {smooth} epochs (final ± std over seeds).",
         "",
-        f"| variant | start | final (after {budget} queries) | gain | queries to reach {reference}'s final | runs stopped (NaN) |",
+        f"| variant | start | final (after {budget} {unit}) | gain | {unit} to reach {reference}'s final | runs stopped (NaN) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -286,15 +301,41 @@ def table_markdown(task: str, rows: list[dict[str, Any]], budget: int, seeds: Se
     return "\n".join(lines)
 
 
-def plot_png(path: pathlib.Path, title: str, curve: dict[str, dict[str, Any]]) -> None:
-    """Mean reward against reward queries, a translucent band from the min to the max over seeds."""
+def plot_png(path: pathlib.Path, title: str, curve: dict[str, dict[str, Any]], xlabel: str = "reward queries") -> None:
+    """Mean reward against `xlabel`'s unit, a translucent band from the min to the max over seeds."""
     from herd_jax.plots import Series, line_plot
 
     series = [Series(name, c["grid"], c["mean"], c["lo"], c["hi"]) for name, c in curve.items()]
-    line_plot(series, title=title, xlabel="reward queries").save(path)
+    line_plot(series, title=title, xlabel=xlabel).save(path)
 
 
-# ----------------------------------------------------------------------------------------------
+def report(records: list[dict[str, Any]], args: argparse.Namespace, out: pathlib.Path) -> list[str]:
+    """Per task: the table (in the budget's unit) and two PNGs, reward against trajectories and against queries."""
+    tables = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        task_records = [r for r in records if r["task"] == task]
+        seeds = list(dict.fromkeys(r["seed"] for r in task_records))
+        rows = summary(task_records, args.budget, args.smooth, args.reference, args.budget_unit)
+        tables.append(table_markdown(task, rows, args.budget, seeds, args.smooth, args.reference, args.budget_unit))
+        # The other axis ends where the runs ended: queries differ between algorithms at a trajectory budget.
+        for unit in [u for u in ("trajectories", "queries") if u in task_records[0]]:
+            end = args.budget if unit == args.budget_unit else max(r[unit] for r in task_records)
+            name = f"learning_{task}.png" if unit == args.budget_unit else f"learning_{task}_{unit}.png"
+            plot_png(out / name, f"{task}: reward of fresh samples vs {unit} (mean, min-max over seeds {seeds})",
+                     curves(task_records, end, args.smooth, unit), xlabel="sampled trajectories" if unit == "trajectories" else "reward queries")
+    return tables
+
+
+def read_csv(path: pathlib.Path) -> list[dict[str, Any]]:
+    """Records written by an earlier run (numbers parsed back; CSVs from before `trajectories` lack it)."""
+    types = {"seed": int, "epoch": int, "queries": int, "trajectories": int, "reward": float, "reward_balanced": float, "reward_worst_prompt": float, "seconds": float}
+    records = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            record: dict[str, Any] = {k: types[k](v) if k in types else v for k, v in row.items()}
+            record["stopped"] = row.get("stopped") == "True"
+            records.append(record)
+    return records
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -302,28 +343,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_environment()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    variants = [Variant(a, a) for a in args.algorithms] + list(args.variant)
-    records: list[dict[str, Any]] = []
-    tables = []
-    with tempfile.TemporaryDirectory(prefix="herd_learning_") as tmp:
-        for task_name in args.tasks:
-            task = TASKS[task_name]
-            task_records = []
-            for variant in variants:
-                task_records += run_variant(task, variant, args.seeds, args.budget, pathlib.Path(tmp), args.overrides)
-            records += task_records
-            rows = summary(task_records, args.budget, args.smooth)
-            tables.append(table_markdown(task.name, rows, args.budget, args.seeds, args.smooth))
-            plot_png(out / f"learning_{task.name}.png", f"{task.name}: reward of fresh samples vs reward queries (mean, min-max over seeds {args.seeds})",
-                     curves(task_records, args.budget, args.smooth))
-            print("\n" + tables[-1] + "\n", flush=True)
-    with open(out / "learning.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
     command = "python bench/learning.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.from_csv:
+        records = [r for path in args.from_csv for r in read_csv(pathlib.Path(path))]
+    else:
+        variants = [Variant(a, a) for a in args.algorithms] + list(args.variant)
+        records = []
+        with tempfile.TemporaryDirectory(prefix="herd_learning_") as tmp:
+            for task_name in args.tasks:
+                for variant in variants:
+                    records += run_variant(TASKS[task_name], variant, args.seeds, args.budget, pathlib.Path(tmp), args.overrides, args.budget_unit)
+        with open(out / "learning.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    tables = report(records, args, out)
+    for table in tables:
+        print("\n" + table + "\n", flush=True)
     (out / "learning.md").write_text(f"`{command}`\n\n" + "\n\n".join(tables) + "\n")
-    print(f"wrote {out / 'learning.csv'}, {out / 'learning.md'} and the PNGs")
+    print(f"wrote {out / 'learning.md'} and the PNGs" + ("" if args.from_csv else f", and {out / 'learning.csv'}"))
     return 0
 
 
