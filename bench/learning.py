@@ -26,6 +26,14 @@ Notes (measured on the tiny model, 2 CPU cores):
 - "color" uses one colour in two prompts: all algorithms learn it in the budget. "color4" (four
   colours: the goal decides the reward, so relabeling changes it) moves by < 0.01 in 960 queries
   for every algorithm (3 seeds: ddpo −0.003, herd +0.008, herd with `best` +0.008).
+- "color2" (orange vs blue ball, scored alike by the untrained model: 0.114 / 0.101) and its sparse
+  twin "color2_sparse" (`color_success`) are the goal-conditional tasks: a prompt-blind policy
+  cannot raise both goals, and a relabeled copy's reward differs from its original's. The random
+  tiny UNet is prompt-blind in colour: the same noise under the other prompt moves a pixel by
+  0.6/255 on average (another noise: 41/255) and the orange score by 0.0003; CFG 7.5 raises the
+  pixel change to 4.5, a 16x cross-attention output to 3.5, q/k/v/out all 4x to 12 — yet the
+  colour score still moves by < 0.005. Goal-conditional colour has to be learned from nothing,
+  and in 1920-2880 trajectories no method does (README: the 8-seed table, the lr sweep, pilots).
 - Noisy updates drift the policy on their own: with shuffled advantages JPEG compressibility
   still rises by ~0.02-0.04 in 30 epochs (incompressibility falls as much). tests/learning_check.py
   therefore compares each run with one trained on −r.
@@ -41,6 +49,9 @@ Examples:
   python bench/learning.py --quick                # a short smoke run (1 seed, small budget)
   python bench/learning.py --tasks color --algorithms ddpo herd --budget 2000
   python bench/learning.py --variant herd-k4=herd:herd.keep_epochs=4,herd.replay_ratio=2.0
+  python bench/learning.py --tasks color2 --algorithms --budget 1920 --budget_unit trajectories \
+      --reference ddpo-2inner --variant ddpo-2inner=ddpo:train.num_inner_epochs=2 --variant herd=herd
+  python bench/learning.py --from_csv a/learning.csv b/learning.csv --reference ddpo-2inner --budget 1920 --budget_unit trajectories
 """
 from __future__ import annotations
 
@@ -260,7 +271,8 @@ def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: 
     """One row per variant: start and final reward, and the queries to reach the reference's final reward.
 
     start / final: the mean over seeds of the first / last `smooth` epochs' reward (± std over
-    seeds); the reference's final reward is its seed-mean curve at the budget, and "queries to
+    seeds); worst_start / worst_final: the same for the epoch's lowest per-prompt mean (a policy
+    that favours one goal over another raises the balanced reward less than it lowers this); the reference's final reward is its seed-mean curve at the budget, and "queries to
     reach" is the first grid point where a variant's seed-mean curve gets to it.
     """
     import numpy as np
@@ -268,14 +280,19 @@ def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: 
     curve = curves(records, budget, smooth, unit)
     rows = []
     for variant, c in curve.items():
-        starts, finals = [], []
+        starts, finals, worst_starts, worst_finals = [], [], [], []
         for seed in dict.fromkeys(r["seed"] for r in records if r["variant"] == variant):
-            ys = [r["reward_balanced"] for r in records if r["variant"] == variant and r["seed"] == seed]
+            rows_seed = [r for r in records if r["variant"] == variant and r["seed"] == seed]
+            ys = [r["reward_balanced"] for r in rows_seed]
             starts.append(np.mean(ys[:smooth]))
             finals.append(np.mean(ys[-smooth:]))
+            worst = [r.get("reward_worst_prompt", np.nan) for r in rows_seed]
+            worst_starts.append(np.mean(worst[:smooth]))
+            worst_finals.append(np.mean(worst[-smooth:]))
         stopped = sum(bool(r["stopped"]) for r in records if r["variant"] == variant)
         rows.append({"variant": variant, "start": float(np.mean(starts)), "final": float(np.mean(finals)),
-                     "final_std": float(np.std(finals)), "gain": float(np.mean(finals) - np.mean(starts)), "stopped": stopped})
+                     "final_std": float(np.std(finals)), "gain": float(np.mean(finals) - np.mean(starts)), "stopped": stopped,
+                     "worst_start": float(np.mean(worst_starts)), "worst_final": float(np.mean(worst_finals))})
     target = next((r["final"] for r in rows if r["variant"] == reference), None)
     for row in rows:
         row["queries_to_ref"] = None
@@ -292,12 +309,13 @@ def table_markdown(task: str, rows: list[dict[str, Any]], budget: int, seeds: Se
         f"Task `{task}`, budget {budget} {what}, seeds {list(seeds)}; reward = fresh samples under their own prompts "
         f"(mean of per-prompt means); start/final = mean of the first/last {smooth} epochs (final ± std over seeds).",
         "",
-        f"| variant | start | final (after {budget} {unit}) | gain | {unit} to reach {reference}'s final | runs stopped (NaN) |",
-        "|---|---|---|---|---|---|",
+        f"| variant | start | final (after {budget} {unit}) | gain | {unit} to reach {reference}'s final | runs stopped (NaN) | worst prompt: start → final |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         reach = "not reached" if r["queries_to_ref"] is None else f"{r['queries_to_ref']} ({r['queries_to_ref'] / budget:.0%} of budget)"
-        lines.append(f"| {r['variant']} | {r['start']:.4f} | {r['final']:.4f} ± {r['final_std']:.4f} | {r['gain']:+.4f} | {reach} | {r['stopped']} |")
+        lines.append(f"| {r['variant']} | {r['start']:.4f} | {r['final']:.4f} ± {r['final_std']:.4f} | {r['gain']:+.4f} | {reach} | {r['stopped']} "
+                     f"| {r['worst_start']:.4f} → {r['worst_final']:.4f} |")
     return "\n".join(lines)
 
 
