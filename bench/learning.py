@@ -91,7 +91,6 @@ class Task:
 PROMPTS = ("a red ball", "a red car")
 TASKS = {
     "color": Task("color", "color", PROMPTS),
-    # Prompt-conditional colour: the goal decides the reward, so relabeling changes it.
     # Goal-conditional colour: two opposite hues that the untrained tiny model scores alike
     # (orange 0.114, blue 0.101 of a 0-1 score; red starts at 0.25 and would be a head start), so
     # a prompt-blind policy cannot raise both and a relabeled copy's reward differs from its original.
@@ -99,6 +98,7 @@ TASKS = {
     # Its sparse twin: reward 1 when the named colour's share of the image exceeds 1/8 (a grey
     # image's), else 0; the untrained model succeeds on ~12% of orange and ~8% of blue samples.
     "color2_sparse": Task("color2_sparse", "color_success", ("an orange ball", "a blue ball")),
+    # Prompt-conditional colour over four goals.
     "color4": Task("color4", "color", ("a red ball", "a green ball", "a blue ball", "a yellow ball")),
     # DDPO's JPEG compressibility (−kB): prompt-independent.
     "jpeg": Task("jpeg", "jpeg_compressibility", PROMPTS),
@@ -272,8 +272,9 @@ def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: 
 
     start / final: the mean over seeds of the first / last `smooth` epochs' reward (± std over
     seeds); worst_start / worst_final: the same for the epoch's lowest per-prompt mean (a policy
-    that favours one goal over another raises the balanced reward less than it lowers this); the reference's final reward is its seed-mean curve at the budget, and "queries to
-    reach" is the first grid point where a variant's seed-mean curve gets to it.
+    that favours one goal over another raises the balanced reward less than it lowers this).
+    The reference's final reward is its seed-mean curve at the budget, and "queries to reach"
+    (in `unit`) is the first grid point where a variant's seed-mean curve gets to it.
     """
     import numpy as np
 
@@ -356,6 +357,13 @@ def read_csv(path: pathlib.Path) -> list[dict[str, Any]]:
     return records
 
 
+def write_csv(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     set_environment()
@@ -371,10 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for task_name in args.tasks:
                 for variant in variants:
                     records += run_variant(TASKS[task_name], variant, args.seeds, args.budget, pathlib.Path(tmp), args.overrides, args.budget_unit)
-        with open(out / "learning.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows(records)
+                    if records:  # after every variant: a long sweep that dies keeps what it ran
+                        write_csv(out / "learning.csv", records)
     tables = report(records, args, out)
     for table in tables:
         print("\n" + table + "\n", flush=True)
