@@ -20,12 +20,12 @@ model can show whether hindsight relabeling helps:
 
 There is no argmax or threshold anywhere, so small colour shifts change the reward smoothly.
 White and black are palette colours too (luminance axis); grey is not (it is the origin).
+Everything is vectorised numpy (which releases the GIL), chunked to bound memory.
 
 ``color_success`` is its sparse twin, the thresholded success signal hindsight relabeling was
 made for (HER, Andrychowicz et al. 2017): 1 when the named colour's score exceeds
 ``reward.success_threshold``, else 0. The default 1/8 is the share every palette colour gets on a
-grey image: success means the image leans towards the named colour more than a grey one does.
-Everything is vectorised numpy (which releases the GIL), chunked to bound memory.
+mid-grey image: success means the image leans towards the named colour more than grey does.
 """
 from __future__ import annotations
 
