@@ -161,12 +161,16 @@ def set_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+def prompt_means(metrics: dict[str, float]) -> list[float]:
+    """The fresh samples' per-prompt mean rewards (trainer's reward/prompt/*), or the overall mean."""
+    return [v for k, v in metrics.items() if k.startswith("reward/prompt/")] or [metrics["reward/mean"]]
+
+
 def balanced_reward(metrics: dict[str, float]) -> float:
-    """Mean over prompts of the fresh samples' per-prompt mean reward (trainer's reward/prompt/*)."""
+    """Mean over prompts of the fresh samples' per-prompt mean reward."""
     import numpy as np
 
-    per_prompt = [v for k, v in metrics.items() if k.startswith("reward/prompt/")]
-    return float(np.mean(per_prompt)) if per_prompt else float(metrics["reward/mean"])
+    return float(np.mean(prompt_means(metrics)))
 
 
 def make_config(task: Task, variant: Variant, prompts_file: pathlib.Path, run_dir: pathlib.Path, overrides: Sequence[str]) -> Any:
@@ -221,7 +225,7 @@ def run_variant(task: Task, variant: Variant, seeds: Sequence[int], budget: int,
                         "queries": int(metrics["reward/queries"]),
                         "reward": metrics["reward/mean"],
                         "reward_balanced": balanced_reward(metrics),
-                        "reward_worst_prompt": min((v for k, v in metrics.items() if k.startswith("reward/prompt/")), default=metrics["reward/mean"]),
+                        "reward_worst_prompt": min(prompt_means(metrics)),
                         "seconds": time.perf_counter() - start,
                         "stopped": False,
                     }

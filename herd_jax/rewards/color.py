@@ -167,9 +167,7 @@ class ColorSuccessReward:
     name: str = "color_success"
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        images = check_batch(images, prompts)
-        idx = color_indices(prompts)
-        return (color_scores(images)[np.arange(len(idx)), idx] > self.threshold).astype(np.float32)
+        return (ColorReward()(images, prompts) > self.threshold).astype(np.float32)
 
     def close(self) -> None:
         pass
