@@ -73,6 +73,7 @@ sys.path.insert(0, str(REPO))
 from herd_jax.algorithms import names as _algorithm_names  # noqa: E402
 
 ALGORITHMS = tuple(_algorithm_names())
+UNIT_LABELS = {"queries": "reward queries", "trajectories": "sampled trajectories"}  # --budget_unit's names in prose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", type=parse_variant, action="append", default=[], help="an extra variant NAME=ALGORITHM[:key=value,...] (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--budget", type=int, default=960, help="reward queries (or sampled trajectories, --budget_unit) per run")
-    p.add_argument("--budget_unit", choices=["queries", "trajectories"], default="queries",
+    p.add_argument("--budget_unit", choices=list(UNIT_LABELS), default="queries",
                    help="what --budget counts and the curves' x-axis: reward queries (herd's relabel scores count) or sampled trajectories (a rollout: the real cost of diffusion RL)")
     p.add_argument("--smooth", type=int, default=5, help="moving average over this many epochs before comparing curves")
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "learning"), help="directory for the CSV, PNGs and table")
@@ -309,9 +310,8 @@ def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: 
 
 
 def table_markdown(task: str, rows: list[dict[str, Any]], budget: int, seeds: Sequence[int], smooth: int, reference: str = "ddpo", unit: str = "queries") -> str:
-    what = "reward queries" if unit == "queries" else "sampled trajectories"
     lines = [
-        f"Task `{task}`, budget {budget} {what}, seeds {list(seeds)}; reward = fresh samples under their own prompts "
+        f"Task `{task}`, budget {budget} {UNIT_LABELS[unit]}, seeds {list(seeds)}; reward = fresh samples under their own prompts "
         f"(mean of per-prompt means); start/final = mean of the first/last {smooth} epochs (final ± std over seeds).",
         "",
         f"| variant | start | final (after {budget} {unit}) | gain | {unit} to reach {reference}'s final | runs stopped (NaN) | worst prompt: start → final |",
@@ -345,7 +345,7 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace, out: pathlib
             end = args.budget if unit == args.budget_unit else max(r[unit] for r in task_records)
             name = f"learning_{task}.png" if unit == args.budget_unit else f"learning_{task}_{unit}.png"
             plot_png(out / name, f"{task}: reward of fresh samples vs {unit} (mean, min-max over seeds {seeds})",
-                     curves(task_records, end, args.smooth, unit), xlabel="sampled trajectories" if unit == "trajectories" else "reward queries")
+                     curves(task_records, end, args.smooth, unit), xlabel=UNIT_LABELS[unit])
     return tables
 
 
