@@ -261,6 +261,7 @@ class MemoryRow:
     peak: int  # XLA's heap-simulated peak (0 where the backend does not report it)
     trained_params: int  # bytes of the trainable pytree, all devices together (train rows)
     opt_state: int  # bytes of the optimizer state, all devices together (train rows)
+    flops: float  # per device: XLA's cost analysis of the partitioned program (loop bodies counted once)
     lower_s: float
     compile_s: float
 
@@ -274,6 +275,8 @@ def _row(cell: Cell, devices: int, compiled: Any, lower_s: float, compile_s: flo
     stats = compiled.memory_analysis()
     if stats is None:
         raise RuntimeError("this backend returns no memory analysis")
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     return MemoryRow(
         cell=cell,
         devices=devices,
@@ -285,6 +288,7 @@ def _row(cell: Cell, devices: int, compiled: Any, lower_s: float, compile_s: flo
         peak=int(getattr(stats, "peak_memory_in_bytes", 0) or 0),
         trained_params=trained,
         opt_state=opt,
+        flops=float(cost.get("flops", 0.0)),
         lower_s=lower_s,
         compile_s=compile_s,
     )
@@ -366,7 +370,7 @@ def plan_train(model: AbstractModel, policy: Any, cell: Cell, mesh: Any, lora_ra
 
     parallel.check_divisible(cell.batch, mesh, "train batch")
     cfg = cell.config(num_steps=policy.num_steps, lora_rank=lora_rank)
-    algorithm = trainer.make_algorithm(cfg, trainer.training_policy(policy, cfg), ("",), (model.text_length, model.text_width))
+    algorithm = trainer.make_algorithm(cfg, trainer.training_policy(policy, cfg, mesh), ("",), (model.text_length, model.text_width))
     trainable = trainer.make_trainable(cfg)
     trained = jax.eval_shape(lambda base: trainable.init(base, jax.random.PRNGKey(0)), model.params["unet"])
     optimizer = trainer.make_train_optimizer(cfg, trainable, trained)

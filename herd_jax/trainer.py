@@ -128,10 +128,13 @@ def make_rollout(
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def training_policy(policy: Policy, cfg: config_lib.Config) -> Policy:
+def training_policy(policy: Policy, cfg: config_lib.Config, mesh: jax.sharding.Mesh | None = None) -> Policy:
     """The policy the losses differentiate: the rollout's, its UNet rematerialised per
-    `model_options.remat` (same params and outputs; less memory, more FLOPs in the backward pass)."""
-    return dataclasses.replace(policy, unet=policy.unet.clone(remat=cfg.model_options.remat))
+    `model_options.remat` (same params and outputs; less memory, more FLOPs in the backward pass).
+    Under `parallel.fsdp` (with the `mesh`) the UNet also pins its activations to the batch split,
+    so the partitioner gathers each sharded weight where it is used."""
+    activations = parallel.batch_sharded(mesh) if cfg.parallel.fsdp and mesh is not None else None
+    return dataclasses.replace(policy, unet=policy.unet.clone(remat=cfg.model_options.remat, activation_sharding=activations))
 
 
 def make_algorithm(cfg: config_lib.Config, policy: Policy, prompts: Sequence[str], cond_shape: tuple[int, int]) -> Algorithm:
@@ -248,7 +251,7 @@ def build(cfg: config_lib.Config, sd: Any = None) -> tuple[Setup, TrainState]:
     fsdp = cfg.parallel.fsdp
 
     prompt_embeds, uncond = encode_prompts(sd, prompts, cfg.sample.negative_prompt)
-    algorithm = make_algorithm(cfg, training_policy(policy, cfg), prompts, prompt_embeds.shape[1:])
+    algorithm = make_algorithm(cfg, training_policy(policy, cfg, mesh), prompts, prompt_embeds.shape[1:])
     goals = list(prompts) + list(algorithm.extra_goals)
     if algorithm.extra_goals:
         prompt_embeds = jnp.concatenate([prompt_embeds, encode_prompts(sd, algorithm.extra_goals, "")[0]])

@@ -6,6 +6,8 @@ The epoch runs the one-program scanned update (the GPU/TPU default, where FSDP i
 params all-gather, data split and gradient reduce-scatter are what FSDP adds. LoRA is only
 built (its frozen base sharded, adapters replicated): its update is the same code on a smaller
 trainable tree, and each trained case costs the suite about two CPU-minutes of compiling.
+`plan` compiles the same update (memory_plan: abstract inputs, no run) with FSDP off and on for
+its per-device temporaries.
 """
 import json
 import pathlib
@@ -53,6 +55,17 @@ def run(case: str, fsdp: bool) -> dict:
     return {"initial": initial, "final": [np.asarray(x) for x in jax.tree.leaves(state.params)], "where": where, "loss": metrics["train/loss"]}
 
 
+def plan() -> dict:
+    """Per-device temporaries of the tiny model's scanned full-fine-tune update, replicated vs FSDP."""
+    from herd_jax import memory_plan as mp
+    from herd_jax.models import tiny_model_path
+
+    n = len(jax.devices())
+    cells = [mp.Cell("train", "fp32", "all", 2 * n, remat="blocks", fsdp=fsdp) for fsdp in (False, True)]
+    rows = mp.plan(mp.configs_from_dir(tiny_model_path()), cells, resolution=32, num_steps=4, devices=n)
+    return {name: {"temp": r.temp, "argument": r.argument} for name, r in zip(("replicated", "fsdp"), rows)}
+
+
 def main() -> None:
     out = {"devices": len(jax.devices())}
     replicated, sharded = run("full", False), run("full", True)
@@ -65,6 +78,7 @@ def main() -> None:
         "loss": [replicated["loss"], sharded["loss"]],
     }
     out["lora"] = {"fsdp_where": build("lora", True)[2], "replicated_where": build("lora", False)[2]}
+    out["plan"] = plan()
     print(json.dumps(out))
 
 

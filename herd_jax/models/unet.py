@@ -20,6 +20,7 @@ PyTorch name mapping (`weights.py`) rely on. NHWC inside, NCHW at the boundary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -266,6 +267,11 @@ class Transformer2DModel(nn.Module):
         return h + x
 
 
+def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
+    """`x` ([B, ...]) pinned to `sharding`; a no-op for None."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 @dataclasses.dataclass(frozen=True)
 class _BlockSpec:
     """The per-block settings the down, mid and up blocks share."""
@@ -285,6 +291,10 @@ class _UNetBlock(nn.Module):
     attention: str = "auto"
     remat: str = "none"
     dtype: Any = jnp.float32
+    activation_sharding: Any = None
+
+    def constrain(self, x: jax.Array) -> jax.Array:
+        return _constrain(x, self.activation_sharding)
 
     def resnet(self, index: int, scale: float = 1.0) -> nn.Module:
         c = self.config
@@ -310,12 +320,12 @@ class DownBlock2D(_UNetBlock):
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         states = []
         for i in range(self.spec.num_layers):
-            x = self.resnet(i)(x, temb)
+            x = self.constrain(self.resnet(i)(x, temb))
             if self.spec.cross_attention:
-                x = self.transformer(i)(x, context)
+                x = self.constrain(self.transformer(i)(x, context))
             states.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.spec.out_channels, self.config.downsample_padding, self.dtype, name="downsamplers_0")(x)
+            x = self.constrain(Downsample2D(self.spec.out_channels, self.config.downsample_padding, self.dtype, name="downsamplers_0")(x))
             states.append(x)
         return x, states
 
@@ -326,10 +336,10 @@ class UNetMidBlock2DCrossAttn(_UNetBlock):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
         scale = self.config.mid_block_scale_factor
-        x = self.resnet(0, scale)(x, temb)
+        x = self.constrain(self.resnet(0, scale)(x, temb))
         for i in range(self.spec.num_layers):
-            x = self.transformer(i)(x, context)
-            x = self.resnet(i + 1, scale)(x, temb)
+            x = self.constrain(self.transformer(i)(x, context))
+            x = self.constrain(self.resnet(i + 1, scale)(x, temb))
         return x
 
 
@@ -343,11 +353,11 @@ class UpBlock2D(_UNetBlock):
         """`skips`: this block's skip states, in the order the down path made them (used last first)."""
         for i in range(self.spec.num_layers):
             x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
-            x = self.resnet(i)(x, temb)
+            x = self.constrain(self.resnet(i)(x, temb))
             if self.spec.cross_attention:
-                x = self.transformer(i)(x, context)
+                x = self.constrain(self.transformer(i)(x, context))
         if self.add_upsample:
-            x = Upsample2D(self.spec.out_channels, self.dtype, name="upsamplers_0")(x)
+            x = self.constrain(Upsample2D(self.spec.out_channels, self.dtype, name="upsamplers_0")(x))
         return x
 
 
@@ -373,12 +383,17 @@ class UNet2DConditionModel(nn.Module):
       attention: "auto" | "xla" | "cudnn" | "chunked" (see `layers`).
       remat: "none" | "blocks" | "dots": rematerialise each resnet and transformer block in
         the backward pass (see `layers`). Same params and outputs whatever the choice.
+      activation_sharding: None, or a `jax.sharding.Sharding` of [B, ...] arrays (the batch split,
+        under `parallel.fsdp`) that every block's input and output is pinned to: with params
+        sharded too, the SPMD partitioner then all-gathers each weight where a layer uses it
+        instead of replicating activations (every device computing the whole batch).
     """
 
     config: UNetConfig
     dtype: Any = jnp.float32
     attention: str = "auto"
     remat: str = "none"
+    activation_sharding: Any = None
 
     def init_params(self, key: jax.Array) -> Any:
         """Randomly initialised params (use under `jax.eval_shape` for the parameter shapes)."""
@@ -396,16 +411,17 @@ class UNet2DConditionModel(nn.Module):
         factor = 2 ** (len(c.block_out_channels) - 1)
         if sample.shape[-2] % factor or sample.shape[-1] % factor:
             raise ValueError(f"latent size {sample.shape[-2:]} is not a multiple of the UNet's downsampling {factor}")
-        block = dict(config=c, attention=self.attention, remat=self.remat, dtype=self.dtype)
-        context = encoder_hidden_states
+        block = dict(config=c, attention=self.attention, remat=self.remat, dtype=self.dtype, activation_sharding=self.activation_sharding)
+        constrain = functools.partial(_constrain, sharding=self.activation_sharding)
+        context = constrain(encoder_hidden_states)
 
         if c.center_input_sample:
             sample = 2 * sample - 1.0
         t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
         temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        temb = TimestepEmbedding(c.time_embed_dim, c.act_fn, self.dtype, name="time_embedding")(temb)
+        temb = constrain(TimestepEmbedding(c.time_embed_dim, c.act_fn, self.dtype, name="time_embedding")(constrain(temb)))
 
-        x = conv(c.block_out_channels[0], c.conv_in_kernel, self.dtype, "conv_in")(jnp.transpose(sample, (0, 2, 3, 1)))
+        x = constrain(conv(c.block_out_channels[0], c.conv_in_kernel, self.dtype, "conv_in")(constrain(jnp.transpose(sample, (0, 2, 3, 1)))))
         skips = [x]
         last = len(c.block_out_channels) - 1
         for i, (kind, width) in enumerate(zip(c.down_block_types, c.block_out_channels)):
@@ -425,4 +441,4 @@ class UNet2DConditionModel(nn.Module):
 
         x = nn.GroupNorm(c.norm_num_groups, epsilon=c.norm_eps, dtype=self.dtype, name="conv_norm_out")(x)
         x = conv(c.out_channels, c.conv_out_kernel, self.dtype, "conv_out")(ACTIVATIONS[c.act_fn](x))
-        return jnp.transpose(x, (0, 3, 1, 2))
+        return jnp.transpose(constrain(x), (0, 3, 1, 2))
