@@ -74,3 +74,26 @@ def test_fsdp_sharding_rule():
     assert spec((3, 3, 321, 7)) == P()  # no axis divides
     assert spec((640,)) == P()  # a bias: too small to be worth a gather
     assert jax.tree.leaves(parallel.param_shardings({"k": np.zeros((64, 64))}, four, fsdp=False))[0].spec == P()
+
+
+def test_unet_pins_activations_where_the_batch_split_divides():
+    """Under FSDP the training UNet pins block activations to the batch split (so weights are
+    gathered per layer); a batch the split does not divide (a few relabeled rows) is left alone
+    rather than failing to partition."""
+    from herd_jax import memory_plan as mp
+    from herd_jax.models import UNet2DConditionModel, tiny_model_path
+
+    config = mp.configs_from_dir(tiny_model_path()).unet
+    split = jax.sharding.NamedSharding(jax.sharding.AbstractMesh((4,), (parallel.DATA_AXIS,)), P(parallel.DATA_AXIS))
+    plain = UNet2DConditionModel(config)
+    params = jax.eval_shape(plain.init_params, jax.random.PRNGKey(0))
+
+    def constraints(unet, batch: int) -> int:
+        sample = jax.ShapeDtypeStruct((batch, config.in_channels, 8, 8), np.float32)
+        context = jax.ShapeDtypeStruct((batch, 4, config.cross_attention_dim), np.float32)
+        jaxpr = jax.make_jaxpr(lambda p, x, c: unet.apply({"params": p}, x, np.zeros(batch, np.int32), c))(params, sample, context)
+        return str(jaxpr).count("sharding_constraint")
+
+    pinned = plain.clone(activation_sharding=split)
+    assert constraints(pinned, 8) >= 10  # every block's input and output
+    assert constraints(pinned, 6) == 0 and constraints(plain, 8) == 0

@@ -267,9 +267,16 @@ class Transformer2DModel(nn.Module):
         return h + x
 
 
-def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
-    """`x` ([B, ...]) pinned to `sharding`; a no-op for None."""
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+def _constrain(x: jax.Array, sharding: jax.sharding.NamedSharding | None) -> jax.Array:
+    """`x` ([B, ...]) pinned to `sharding` (a split of the leading axis); unchanged for None or
+    when the split does not divide B (e.g. a loss's forward on a few relabeled rows)."""
+    if sharding is None:
+        return x
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    if x.shape[0] % math.prod(sharding.mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 @dataclasses.dataclass(frozen=True)
