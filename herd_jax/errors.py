@@ -145,6 +145,8 @@ def quiet_libraries() -> None:
     (absl's) log records out of the terminal (`log_to_file` sends them to the run's log)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers first logs
+    logging.getLogger("transformers").setLevel(logging.ERROR)  # in case it already has
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     for name in _LIBRARY_LOGGERS:
@@ -155,10 +157,19 @@ def quiet_libraries() -> None:
     sys.unraisablehook = _log_unraisable
 
 
+class _BestEffortFileHandler(logging.FileHandler):
+    """A log file that never speaks in the terminal: on a full disk the log's own write fails as
+    the checkpoint's did, and logging's default would print a traceback per record to stderr
+    under the one-line error that already says what happened. It stops writing after a failure."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.emit = lambda record: None  # the file is unwritable from here on
+
+
 def log_to_file(path: os.PathLike | str) -> logging.Handler:
     """Appends the libraries' log records (orbax/absl, INFO and up) to `path`; returns the handler
-    so the caller can remove it when the run ends."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    so the caller can remove it when the run ends. A failed write to it is dropped silently."""
+    handler = _BestEffortFileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in _LIBRARY_LOGGERS:
         library = logging.getLogger(name)
@@ -170,4 +181,7 @@ def log_to_file(path: os.PathLike | str) -> logging.Handler:
 def stop_logging_to(handler: logging.Handler) -> None:
     for name in _LIBRARY_LOGGERS:
         logging.getLogger(name).removeHandler(handler)
-    handler.close()
+    try:
+        handler.close()
+    except OSError:  # the last buffered records could not be written (full disk): already reported
+        pass

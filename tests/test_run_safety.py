@@ -137,24 +137,60 @@ def test_unwritable_out_fails_before_any_work(command, straight, tmp_path, capsy
     assert err == [f"error: cannot write to {blocker / 'out'}: Not a directory: {blocker / 'out'}"]
 
 
-def test_full_disk_is_one_line_and_exit_3(tmp_path):
-    """A file-size limit makes every checkpoint write fail as a full disk would (EFBIG, not ENOSPC)."""
-
+def _train_on_a_full_disk(run_dir: pathlib.Path, env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """train.py under a file-size limit: every write past 200 kB fails as on a full disk (EFBIG,
+    not ENOSPC); returns the process and its stderr lines other than the progress bar."""
     # A small launcher sets the limit and execs train.py (limits and ignored signals survive exec);
     # SIGXFSZ ignored: the write fails with EFBIG instead of the signal killing the process.
     launcher = (
         "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     )
+    # JAX writes compile-cache entries in place: under the limit it would leave truncated ones in
+    # the suite's shared cache (read back later with a warning each), so this run only reads it.
+    env = {**(env or os.environ), "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": str(2**62)}
     result = subprocess.run(
-        [sys.executable, "-c", launcher, "train.py", *tiny_args(tmp_path / "run", "--num_epochs", "2")],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", launcher, "train.py", *tiny_args(run_dir, "--num_epochs", "2")],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
     )
-    err = [line for line in result.stderr.splitlines() if line.strip() and not line.lstrip("\r").startswith("epochs")]
+    return result, [line for line in result.stderr.splitlines() if line.strip() and not line.lstrip("\r").startswith("epochs")]
+
+
+def test_full_disk_is_one_line_and_exit_3(tmp_path):
+    """Every checkpoint write fails; so may the run's own log file (it did on the CI machine)."""
+    from herd_jax.models.tiny import tiny_model_path
+
+    tiny_model_path()  # built here, before the limit, when this test runs first
+    result, err = _train_on_a_full_disk(tmp_path / "run")
     assert result.returncode == ExitCode.STORAGE, result.stderr[-3000:]
     assert len(err) == 1, result.stderr[-3000:]
     assert err[0].startswith(f"error: cannot write checkpoint 1 in {(tmp_path / 'run' / 'checkpoints').resolve()} (File too large)"), err
     assert "no checkpoint was committed" in err[0]
+
+
+def test_a_full_disk_while_building_the_tiny_model_is_one_line(tmp_path):
+    result, err = _train_on_a_full_disk(tmp_path / "run", env={**os.environ, "HERD_JAX_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == ExitCode.STORAGE, result.stderr[-3000:]
+    assert len(err) == 1, result.stderr[-3000:]
+    assert err[0].startswith(f"error: cannot build the tiny model in {tmp_path / 'cache'} ("), err
+    assert "File too large" in err[0] and "HERD_JAX_CACHE" in err[0], err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) for a write that always fails")
+def test_a_full_disk_under_the_run_log_stays_silent(capsys):
+    """On a full disk the run's log file fails too (the CI machine's orbax logged past the test
+    above's size limit); logging's default then prints a traceback per record under our one line."""
+    import logging
+
+    from herd_jax import errors
+
+    handler = errors.log_to_file("/dev/full")  # every write: ENOSPC
+    try:
+        for _ in range(3):
+            logging.getLogger("orbax").warning("a record that cannot be written")
+    finally:
+        errors.stop_logging_to(handler)
+    assert capsys.readouterr().err == ""
 
 
 # --- failures while training: their own exit codes, the last checkpoint intact --------------

@@ -16,6 +16,10 @@ import shutil
 import uuid
 from typing import Any
 
+import safetensors
+
+from herd_jax.errors import StorageError
+
 __all__ = ["build_tiny_model", "tiny_model_path", "write_bin_copy", "TINY_MODEL_VERSION"]
 
 # Bump when the architecture or the build changes: a cached copy with another version is rebuilt.
@@ -222,7 +226,11 @@ def tiny_model_path() -> pathlib.Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{_CACHE_NAME}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        build_tiny_model(tmp, seed=0)
+        try:
+            build_tiny_model(tmp, seed=0)
+        except (OSError, safetensors.SafetensorError) as e:  # full disk, read-only cache
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+            raise StorageError(f"cannot build the tiny model in {final.parent} ({reason}); set HERD_JAX_CACHE to a writable folder") from e
         if final.exists() and not _is_current(final):  # stale version: move it aside, then replace
             stale = final.parent / f".{_CACHE_NAME}.stale-{uuid.uuid4().hex[:8]}"
             try:
