@@ -1,0 +1,230 @@
+"""Pretrain the tiny model to be text-conditional in colour: a research script, not a model we ship.
+
+Why: the goal-conditional tasks (`bench/learning.py --tasks color2`) cannot show whether hindsight
+relabeling helps while the random tiny UNet is prompt-blind in colour (README, "Goal-conditional
+task: a negative result"). SD is text-conditional before RL starts; this script tries to give the
+tiny model the same head start, as the HERD issue suggests, and measures whether it got it.
+
+How:
+1. Colour latents: for each palette colour of the `color` reward, `--latents_per_color` latents
+   (4x8x8, in the UNet's scaled latent space, norm held near N(0, I)'s) found by gradient descent
+   through the tiny VAE decoder towards a solid image of that colour. The random tiny VAE has no
+   encoder that inverts its decoder, so the data is built in latent space.
+2. Denoising pretraining: captions "a/an {colour} {object}" over the reward's palette and objects;
+   with probability `--label_noise` the latent is of a random colour instead (so the pretrained
+   policy is right only part of the time and RL has something to learn); 10% empty captions
+   (classifier-free guidance); epsilon-MSE at uniform timesteps, `--ddim_focus` of them drawn
+   from the 4-step DDIM schedule the learning preset samples with. Adam on the UNet, and on the
+   text encoder with `--train_text_encoder` (SD's is pretrained; RL then trains the UNet only).
+3. Evaluation: the learning preset's policy (DDIM, eta 1, guidance 1) at 4 and 20 steps, 32 samples
+   per "a/an {colour} ball" prompt: the named colour's `color` score and success rate
+   (`color_success`), and the decoded training latents' own scores (the target).
+
+`--out DIR` writes the result as a diffusers pipeline (the tiny model's files with the trained
+UNet and text encoder) that `--model DIR` trains from; the written weights are read back through
+the loader and compared.
+
+  python bench/conditional_pretrain.py --steps 1500 --label_noise 0.2 --train_text_encoder
+
+Measured results are in the README (goal-conditional task). On a CPU the UNet does not fit the
+data in the steps a session can afford; on an accelerator, run it with many more steps.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Sequence
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from herd_jax.diffusion import alphas_cumprod, make_policy  # noqa: E402
+from herd_jax.models import load_pipeline, tiny_model_path  # noqa: E402
+from herd_jax.rewards.color import COLORS, OBJECTS, color_scores  # noqa: E402
+
+PALETTE = list(COLORS)
+
+
+def caption(color: str, obj: str) -> str:
+    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {obj}"
+
+
+def color_latents(sd: Any, per_color: int, steps: int, key: jax.Array) -> jax.Array:
+    """f32[K, per_color, C, h, w]: latents whose decoded images approach each palette colour."""
+    k = len(PALETTE)
+    target = jnp.asarray([COLORS[c] for c in PALETTE], jnp.float32) / 127.5 - 1.0
+    target = jnp.repeat(target, per_color, axis=0)[:, :, None, None]
+    z = jax.random.normal(key, (k * per_color, sd.latent_channels, sd.latent_size, sd.latent_size))
+    opt = optax.adam(0.05)
+
+    def loss(z):
+        images = sd.vae.apply({"params": sd.params["vae"]}, z / sd.scaling_factor)
+        norm = jnp.mean(z**2, axis=(1, 2, 3))  # keep each latent's scale near a standard normal's
+        return jnp.mean((images - target) ** 2) + 1e-2 * jnp.mean((norm - 1.0) ** 2)
+
+    @jax.jit
+    def step(z, state):
+        value, grad = jax.value_and_grad(loss)(z)
+        updates, state = opt.update(grad, state)
+        return optax.apply_updates(z, updates), state, value
+
+    state = opt.init(z)
+    for _ in range(steps):
+        z, state, _ = step(z, state)
+    return z.reshape(k, per_color, *z.shape[1:])
+
+
+def pretrain(sd: Any, latents: jax.Array, args: argparse.Namespace, key: jax.Array) -> tuple[dict, list[float]]:
+    """Denoising pretraining; returns {"unet", "text_encoder"} params and the loss every 100 steps."""
+    captions = [caption(c, o) for c in PALETTE for o in OBJECTS] + [""]
+    ids = jnp.asarray(sd.tokenize(captions))
+    caption_color = jnp.repeat(jnp.arange(len(PALETTE)), len(OBJECTS))
+    n_captions = len(captions) - 1
+    alphas = jnp.asarray(alphas_cumprod(sd.scheduler))
+    ddim_ts = make_policy(sd, num_steps=4, eta=1.0, guidance_scale=1.0).schedule.timesteps
+    frozen_text = sd.encode_text(sd.params["text_encoder"], ids)
+    params = {"unet": sd.params["unet"], "text_encoder": sd.params["text_encoder"]}
+    opt = optax.multi_transform(
+        {"train": optax.adam(args.lr), "freeze": optax.set_to_zero()},
+        {"unet": "train", "text_encoder": "train" if args.train_text_encoder else "freeze"},
+    )
+    num_t = alphas.shape[0]
+
+    @jax.jit
+    def step(params, state, key):
+        keys = jax.random.split(key, 8)
+        b = args.batch
+        cap = jax.random.randint(keys[0], (b,), 0, n_captions)
+        noisy = jax.random.uniform(keys[1], (b,)) < args.label_noise
+        color = jnp.where(noisy, jax.random.randint(keys[2], (b,), 0, len(PALETTE)), caption_color[cap])
+        x0 = latents[color, jax.random.randint(keys[3], (b,), 0, latents.shape[1])]
+        t = jnp.where(
+            jax.random.uniform(keys[4], (b,)) < args.ddim_focus,
+            ddim_ts[jax.random.randint(keys[5], (b,), 0, ddim_ts.shape[0])],
+            jax.random.randint(keys[6], (b,), 0, num_t),
+        )
+        eps = jax.random.normal(keys[7], x0.shape)
+        a = alphas[t][:, None, None, None]
+        x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * eps
+        drop = jax.random.uniform(jax.random.fold_in(key, 8), (b,)) < 0.1
+
+        def loss(p):
+            text = sd.encode_text(p["text_encoder"], ids) if args.train_text_encoder else frozen_text
+            cond = jnp.where(drop[:, None, None], text[-1][None], text[cap])
+            return jnp.mean((sd.unet.apply({"params": p["unet"]}, x_t, t, cond) - eps) ** 2)
+
+        value, grad = jax.value_and_grad(loss)(params)
+        updates, state = opt.update(grad, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    state = opt.init(params)
+    losses, window = [], []
+    for i in range(args.steps):
+        params, state, value = step(params, state, jax.random.fold_in(key, i))
+        window.append(value)
+        if (i + 1) % 100 == 0 or i + 1 == args.steps:
+            losses.append(float(np.mean(jax.device_get(window))))
+            window = []
+            print(f"  step {i + 1}: denoising loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+    return params, losses
+
+
+def evaluate(sd: Any, params: dict, num_steps: int, samples: int, key: jax.Array) -> dict[str, tuple[float, float]]:
+    """{colour: (mean named-colour score, success rate)} of the preset's policy on "a/an {colour} ball"."""
+    policy = make_policy(sd, num_steps=num_steps, eta=1.0, guidance_scale=1.0)
+    prompts = [caption(c, "ball") for c in PALETTE]
+    cond = sd.encode_text(params["text_encoder"], jnp.asarray(sd.tokenize([p for p in prompts for _ in range(samples)])))
+    uncond = sd.encode_text(params["text_encoder"], jnp.asarray(sd.tokenize([""])))
+    traj = jax.jit(policy.rollout)(params["unet"], sd.params["vae"], cond, uncond, key)
+    scores = color_scores(np.asarray(traj.images)).reshape(len(PALETTE), samples, len(PALETTE))
+    return {c: (float(scores[k, :, k].mean()), float((scores[k, :, k] > 1 / 8).mean())) for k, c in enumerate(PALETTE)}
+
+
+def data_scores(sd: Any, latents: jax.Array) -> dict[str, tuple[float, float]]:
+    """The same numbers for the decoded training latents themselves (what a perfect fit would give)."""
+    flat = latents.reshape(-1, *latents.shape[2:])
+    policy = make_policy(sd, num_steps=4, eta=1.0, guidance_scale=1.0)
+    scores = color_scores(np.asarray(policy.decode(sd.params["vae"], flat))).reshape(*latents.shape[:2], len(PALETTE))
+    return {c: (float(scores[k, :, k].mean()), float((scores[k, :, k] > 1 / 8).mean())) for k, c in enumerate(PALETTE)}
+
+
+def write_pipeline(params: dict, out: pathlib.Path) -> None:
+    """The tiny model's files with the trained UNet and text encoder, checked by reading them back."""
+    from safetensors.numpy import save_file
+
+    from herd_jax.export import _copy_pipeline, write_unet
+    from herd_jax.models.weights import torch_state_dict
+
+    src = tiny_model_path()
+    _copy_pipeline(src, out)
+    write_unet(params["unet"], src / "unet" / "config.json", out / "unet")
+    for old in (out / "text_encoder").glob("model*.safetensors"):
+        old.unlink()  # a hard link to the base's file: replace it, never write through it
+    state = {k: v.astype(np.float32) for k, v in torch_state_dict(params["text_encoder"], "text_encoder").items()}
+    save_file(state, str(out / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
+    back = load_pipeline(out)
+    for name in ("unet", "text_encoder"):
+        diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params[name], back.params[name])
+        if max(jax.tree.leaves(diff)) != 0.0:
+            raise AssertionError(f"{name} weights read back from {out} differ from the trained ones")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=1500, help="Adam steps of denoising pretraining")
+    p.add_argument("--batch", type=int, default=64, help="latents per pretraining step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--label_noise", type=float, default=0.2, help="share of latents of a random colour instead of the caption's")
+    p.add_argument("--ddim_focus", type=float, default=0.5, help="share of timesteps drawn from the 4-step DDIM schedule")
+    p.add_argument("--train_text_encoder", action="store_true", help="train the text encoder with the UNet")
+    p.add_argument("--latents_per_color", type=int, default=4, help="decoder-inverted latents per palette colour")
+    p.add_argument("--inversion_steps", type=int, default=400, help="Adam steps of decoder inversion")
+    p.add_argument("--samples", type=int, default=32, help="evaluation samples per colour")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=pathlib.Path, help="write the pretrained pipeline here (a new directory)")
+    args = p.parse_args(argv)
+    if args.out is not None and args.out.exists():
+        p.error(f"--out {args.out} exists")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    key = jax.random.PRNGKey(args.seed)
+    sd = load_pipeline("tiny")
+    start = time.time()
+    latents = color_latents(sd, args.latents_per_color, args.inversion_steps, jax.random.fold_in(key, 0))
+    params, losses = pretrain(sd, latents, args, jax.random.fold_in(key, 1))
+    minutes = (time.time() - start) / 60
+    before = {"unet": sd.params["unet"], "text_encoder": sd.params["text_encoder"]}
+    columns = {
+        "data (target)": data_scores(sd, latents),
+        "untrained, 4 steps": evaluate(sd, before, 4, args.samples, jax.random.fold_in(key, 2)),
+        "pretrained, 4 steps": evaluate(sd, params, 4, args.samples, jax.random.fold_in(key, 2)),
+        "pretrained, 20 steps": evaluate(sd, params, 20, args.samples, jax.random.fold_in(key, 2)),
+    }
+    print(f"{args.steps} steps, label noise {args.label_noise}, lr {args.lr}, text encoder "
+          f"{'trained' if args.train_text_encoder else 'frozen'}: final loss {losses[-1]:.4f}, {minutes:.1f} min\n")
+    print("| prompt | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for c in PALETTE:
+        cells = [f"{col[c][0]:.3f} ({col[c][1]:.0%})" for col in columns.values()]
+        print(f"| {caption(c, 'ball')} | " + " | ".join(cells) + " |")
+    print("\ncell: mean `color` score of the named colour (success rate, score > 1/8)")
+    if args.out is not None:
+        write_pipeline(params, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
