@@ -14,7 +14,7 @@ How:
    with probability `--label_noise` the latent is of a random colour instead (so the pretrained
    policy is right only part of the time and RL has something to learn); 10% empty captions
    (classifier-free guidance); epsilon-MSE at uniform timesteps, `--ddim_focus` of them drawn
-   from the 4-step DDIM schedule the learning preset samples with. Adam on the UNet, and on the
+   from the 4-step DDIM schedule the learning preset samples with, optionally min-SNR weighted. Adam on the UNet, and on the
    text encoder with `--train_text_encoder` (SD's is pretrained; RL then trains the UNet only).
 3. Evaluation: the learning preset's policy (DDIM, eta 1, guidance 1) at 4 and 20 steps, 32 samples
    per "a/an {colour} ball" prompt: the named colour's `color` score and success rate
@@ -98,6 +98,10 @@ def pretrain(sd: Any, latents: jax.Array, args: argparse.Namespace, key: jax.Arr
         {"unet": "train", "text_encoder": "train" if args.train_text_encoder else "freeze"},
     )
     num_t = alphas.shape[0]
+    # Min-SNR-gamma weights for epsilon-prediction (Hang et al. 2023): min(SNR, gamma) / SNR. Low-noise
+    # steps (huge SNR) otherwise dominate the gradient, and only high-noise steps need the caption.
+    snr = alphas / (1 - alphas)
+    weight = jnp.minimum(snr, args.min_snr_gamma) / snr if args.min_snr_gamma > 0 else jnp.ones_like(snr)
 
     @jax.jit
     def step(params, state, key):
@@ -120,7 +124,8 @@ def pretrain(sd: Any, latents: jax.Array, args: argparse.Namespace, key: jax.Arr
         def loss(p):
             text = sd.encode_text(p["text_encoder"], ids) if args.train_text_encoder else frozen_text
             cond = jnp.where(drop[:, None, None], text[-1][None], text[cap])
-            return jnp.mean((sd.unet.apply({"params": p["unet"]}, x_t, t, cond) - eps) ** 2)
+            per_row = jnp.mean((sd.unet.apply({"params": p["unet"]}, x_t, t, cond) - eps) ** 2, axis=(1, 2, 3))
+            return jnp.mean(weight[t] * per_row)
 
         value, grad = jax.value_and_grad(loss)(params)
         updates, state = opt.update(grad, state, params)
@@ -185,6 +190,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--label_noise", type=float, default=0.2, help="share of latents of a random colour instead of the caption's")
     p.add_argument("--ddim_focus", type=float, default=0.5, help="share of timesteps drawn from the 4-step DDIM schedule")
+    p.add_argument("--min_snr_gamma", type=float, default=0.0, help="weight each timestep's loss by min(SNR, gamma)/SNR (0: unweighted)")
     p.add_argument("--train_text_encoder", action="store_true", help="train the text encoder with the UNet")
     p.add_argument("--latents_per_color", type=int, default=4, help="decoder-inverted latents per palette colour")
     p.add_argument("--inversion_steps", type=int, default=400, help="Adam steps of decoder inversion")
@@ -212,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pretrained, 4 steps": evaluate(sd, params, 4, args.samples, jax.random.fold_in(key, 2)),
         "pretrained, 20 steps": evaluate(sd, params, 20, args.samples, jax.random.fold_in(key, 2)),
     }
-    print(f"{args.steps} steps, label noise {args.label_noise}, lr {args.lr}, text encoder "
+    print(f"{args.steps} steps, label noise {args.label_noise}, lr {args.lr}, DDIM focus {args.ddim_focus}, "
+          f"min-SNR gamma {args.min_snr_gamma}, text encoder "
           f"{'trained' if args.train_text_encoder else 'frozen'}: final loss {losses[-1]:.4f}, {minutes:.1f} min\n")
     print("| prompt | " + " | ".join(columns) + " |")
     print("|---|" + "---|" * len(columns))
