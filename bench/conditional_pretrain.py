@@ -47,11 +47,18 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from herd_jax.config import RewardConfig  # noqa: E402
 from herd_jax.diffusion import alphas_cumprod, make_policy  # noqa: E402
 from herd_jax.models import load_pipeline, tiny_model_path  # noqa: E402
 from herd_jax.rewards.color import COLORS, OBJECTS, color_scores  # noqa: E402
 
 PALETTE = list(COLORS)
+SUCCESS = RewardConfig().success_threshold  # color_success's default threshold
+
+
+def per_color(scores: np.ndarray) -> dict[str, tuple[float, float]]:
+    """{colour: (mean named-colour score, success rate)} of scores [K, samples, K] (row k: colour k's samples)."""
+    return {c: (float(scores[k, :, k].mean()), float((scores[k, :, k] > SUCCESS).mean())) for k, c in enumerate(PALETTE)}
 
 
 def caption(color: str, obj: str) -> str:
@@ -150,16 +157,14 @@ def evaluate(sd: Any, params: dict, num_steps: int, samples: int, key: jax.Array
     cond = sd.encode_text(params["text_encoder"], jnp.asarray(sd.tokenize([p for p in prompts for _ in range(samples)])))
     uncond = sd.encode_text(params["text_encoder"], jnp.asarray(sd.tokenize([""])))
     traj = jax.jit(policy.rollout)(params["unet"], sd.params["vae"], cond, uncond, key)
-    scores = color_scores(np.asarray(traj.images)).reshape(len(PALETTE), samples, len(PALETTE))
-    return {c: (float(scores[k, :, k].mean()), float((scores[k, :, k] > 1 / 8).mean())) for k, c in enumerate(PALETTE)}
+    return per_color(color_scores(np.asarray(traj.images)).reshape(len(PALETTE), samples, len(PALETTE)))
 
 
 def data_scores(sd: Any, latents: jax.Array) -> dict[str, tuple[float, float]]:
     """The same numbers for the decoded training latents themselves (what a perfect fit would give)."""
     flat = latents.reshape(-1, *latents.shape[2:])
     policy = make_policy(sd, num_steps=4, eta=1.0, guidance_scale=1.0)
-    scores = color_scores(np.asarray(policy.decode(sd.params["vae"], flat))).reshape(*latents.shape[:2], len(PALETTE))
-    return {c: (float(scores[k, :, k].mean()), float((scores[k, :, k] > 1 / 8).mean())) for k, c in enumerate(PALETTE)}
+    return per_color(color_scores(np.asarray(policy.decode(sd.params["vae"], flat))).reshape(*latents.shape[:2], len(PALETTE)))
 
 
 def write_pipeline(params: dict, out: pathlib.Path) -> None:
@@ -226,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for c in PALETTE:
         cells = [f"{col[c][0]:.3f} ({col[c][1]:.0%})" for col in columns.values()]
         print(f"| {caption(c, 'ball')} | " + " | ".join(cells) + " |")
-    print("\ncell: mean `color` score of the named colour (success rate, score > 1/8)")
+    print(f"\ncell: mean `color` score of the named colour (success rate, score > {SUCCESS:g})")
     if args.out is not None:
         write_pipeline(params, args.out)
         print(f"wrote {args.out}")
