@@ -97,7 +97,7 @@ def pretrain(sd: Any, latents: jax.Array, args: argparse.Namespace, key: jax.Arr
     caption_color = jnp.repeat(jnp.arange(len(PALETTE)), len(OBJECTS))
     n_captions = len(captions) - 1
     alphas = jnp.asarray(alphas_cumprod(sd.scheduler))
-    ddim_ts = make_policy(sd, num_steps=4, eta=1.0, guidance_scale=1.0).schedule.timesteps
+    ddim_ts = make_policy(sd, num_steps=4, eta=1.0, guidance_scale=1.0).schedule.timesteps[: args.focus_steps]  # noisiest first
     frozen_text = sd.encode_text(sd.params["text_encoder"], ids)
     params = {"unet": sd.params["unet"], "text_encoder": sd.params["text_encoder"]}
     opt = optax.multi_transform(
@@ -195,6 +195,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--label_noise", type=float, default=0.2, help="share of latents of a random colour instead of the caption's")
     p.add_argument("--ddim_focus", type=float, default=0.5, help="share of timesteps drawn from the 4-step DDIM schedule")
+    p.add_argument("--focus_steps", type=int, default=4, choices=range(1, 5), metavar="{1..4}",
+                   help="the focused timesteps are the noisiest N of the 4 DDIM steps (1: t = 751 only)")
     p.add_argument("--min_snr_gamma", type=float, default=0.0, help="weight each timestep's loss by min(SNR, gamma)/SNR (0: unweighted)")
     p.add_argument("--train_text_encoder", action="store_true", help="train the text encoder with the UNet")
     p.add_argument("--latents_per_color", type=int, default=4, help="decoder-inverted latents per palette colour")
