@@ -14,8 +14,9 @@ How:
    with probability `--label_noise` the latent is of a random colour instead (so the pretrained
    policy is right only part of the time and RL has something to learn); 10% empty captions
    (classifier-free guidance); epsilon-MSE at uniform timesteps, `--ddim_focus` of them drawn
-   from the 4-step DDIM schedule the learning preset samples with, optionally min-SNR weighted. Adam on the UNet, and on the
-   text encoder with `--train_text_encoder` (SD's is pretrained; RL then trains the UNet only).
+   from the 4-step DDIM schedule the learning preset samples with, optionally min-SNR weighted.
+   Adam on the UNet, and on the text encoder with `--train_text_encoder` (SD's is pretrained; RL
+   then trains the UNet only).
 3. Evaluation: the learning preset's policy (DDIM, eta 1, guidance 1) at 4 and 20 steps, 32 samples
    per "a/an {colour} ball" prompt: the named colour's `color` score and success rate
    (`color_success`), and the decoded training latents' own scores (the target).
@@ -65,12 +66,12 @@ def caption(color: str, obj: str) -> str:
     return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {obj}"
 
 
-def color_latents(sd: Any, per_color: int, steps: int, key: jax.Array) -> jax.Array:
-    """f32[K, per_color, C, h, w]: latents whose decoded images approach each palette colour."""
+def color_latents(sd: Any, count: int, steps: int, key: jax.Array) -> jax.Array:
+    """f32[K, count, C, h, w]: latents whose decoded images approach each palette colour."""
     k = len(PALETTE)
     target = jnp.asarray([COLORS[c] for c in PALETTE], jnp.float32) / 127.5 - 1.0
-    target = jnp.repeat(target, per_color, axis=0)[:, :, None, None]
-    z = jax.random.normal(key, (k * per_color, sd.latent_channels, sd.latent_size, sd.latent_size))
+    target = jnp.repeat(target, count, axis=0)[:, :, None, None]
+    z = jax.random.normal(key, (k * count, sd.latent_channels, sd.latent_size, sd.latent_size))
     opt = optax.adam(0.05)
 
     def loss(z):
@@ -87,7 +88,7 @@ def color_latents(sd: Any, per_color: int, steps: int, key: jax.Array) -> jax.Ar
     state = opt.init(z)
     for _ in range(steps):
         z, state, _ = step(z, state)
-    return z.reshape(k, per_color, *z.shape[1:])
+    return z.reshape(k, count, *z.shape[1:])
 
 
 def pretrain(sd: Any, latents: jax.Array, args: argparse.Namespace, key: jax.Array) -> tuple[dict, list[float]]:
