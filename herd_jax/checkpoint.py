@@ -52,7 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from herd_jax import config as config_lib
-from herd_jax.errors import StorageError
+from herd_jax.errors import StorageError, first_line, root_reason
 
 State = TypeVar("State")
 
@@ -75,29 +75,6 @@ class UnreadableCheckpointError(StorageError):
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)")
-
-
-def _reason(error: BaseException) -> str:
-    """The root cause of a (possibly chained, possibly multi-page) orbax/tensorstore error, one
-    line: the operating system's reason where there is one (tensorstore puts its errno in the
-    message), else the error's first line."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror}{f' ({error.filename})' if error.filename else ''}"
-    code = _OS_ERROR_CODE.search(str(error))
-    if code:
-        return os.strerror(int(code.group(1)))
-    return _first_line(error)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {line[:157] + '...' if len(line) > 160 else line}"
 
 
 # --- saving ------------------------------------------------------------------------------
@@ -178,7 +155,7 @@ def _storage_errors(manager: ocp.CheckpointManager, step: int | None):
         intact = f"the last intact checkpoint is {committed[0]}" if committed else "no checkpoint was committed"
         failed = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))  # an earlier async save's failure
         what = f"checkpoint {failed.group(1) if failed else step}" if failed or step is not None else "a checkpoint"
-        raise StorageError(f"cannot write {what} in {manager.directory} ({_reason(e)}); {intact}") from e
+        raise StorageError(f"cannot write {what} in {manager.directory} ({root_reason(e)}); {intact}") from e
 
 
 def write_run_files(cfg: config_lib.Config, prompts: list[str]) -> None:
@@ -267,7 +244,7 @@ def saved_config(checkpoints: Checkpoints) -> dict[str, Any]:
         try:
             saved = _read_json(checkpoints.step_dir(step), "config")
         except Exception as e:  # a corrupt checkpoint: the restore below skips it too
-            _warn(f"cannot read the config of {checkpoints.step_dir(step)} ({_first_line(e)})")
+            _warn(f"cannot read the config of {checkpoints.step_dir(step)} ({first_line(e)})")
             continue
         if isinstance(saved, dict):
             return dict(config_lib.upgrade(saved), run_dir=str(checkpoints.run_dir))
@@ -321,7 +298,7 @@ def restore(checkpoints: Checkpoints, like: State, cfg: config_lib.Config | None
                     raise ValueError(f"holds step {saved_step}")
                 return state, step
             except Exception as e:  # corrupt or incomplete: fall back to the previous checkpoint
-                errors.append(f"{step_dir}: {_reason(e)}")
+                errors.append(f"{step_dir}: {root_reason(e)}")
                 # The whole (multi-page) orbax error goes to run_dir/train.log, the one line to stderr.
                 logging.getLogger("herd_jax.libraries").warning("restoring %s failed", step_dir, exc_info=True)
                 if step != checkpoints.steps[-1]:
@@ -397,7 +374,7 @@ def load_params(step_dir: str | os.PathLike) -> Any:
         restore_args = {"params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)}
         restored = handler.restore(state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
     except Exception as e:
-        raise CheckpointError(f"cannot read the params of {step_dir} ({_first_line(e)})") from e
+        raise CheckpointError(f"cannot read the params of {step_dir} ({first_line(e)})") from e
     return restored["params"]
 
 

@@ -22,6 +22,7 @@ import argparse
 import enum
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import Callable
@@ -98,6 +99,30 @@ def describe(error: BaseException) -> str:
         return f"cannot decode a file as {error.encoding} ({error.reason} at byte {error.start})"
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)")
+
+
+def root_reason(error: BaseException) -> str:
+    """The root cause of a (possibly chained, possibly multi-page) library error, one line: the
+    operating system's reason where there is one (tensorstore puts its errno in the message), else
+    the root error's first line."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}{f' ({error.filename})' if error.filename else ''}"
+    code = _OS_ERROR_CODE.search(str(error))
+    if code:
+        return os.strerror(int(code.group(1)))
+    return first_line(error)
+
+
+def first_line(error: BaseException) -> str:
+    """`Type: first line of the message`, cut to ~160 characters."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {line[:157] + '...' if len(line) > 160 else line}"
 
 
 def report(body: Callable[[], object]) -> int:

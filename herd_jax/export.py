@@ -41,7 +41,7 @@ def write_unet(params: Any, unet_config_file: pathlib.Path, out_dir: pathlib.Pat
     shutil.copyfile(unet_config_file, out_dir / "config.json")
 
 
-def _copy_pipeline(src: pathlib.Path, dst: pathlib.Path) -> None:
+def copy_pipeline(src: pathlib.Path, dst: pathlib.Path) -> None:
     """Copies the pipeline directory except the UNet's weights; big files outside unet/ are hard-linked."""
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
@@ -53,7 +53,7 @@ def _copy_pipeline(src: pathlib.Path, dst: pathlib.Path) -> None:
             continue  # written by write_unet
         target.parent.mkdir(parents=True, exist_ok=True)
         real = path.resolve()  # hub snapshots hold symlinks into the blob cache
-        if rel.parts[0] != "unet" and real.stat().st_size >= _LINK_MIN_BYTES:
+        if real.stat().st_size >= _LINK_MIN_BYTES:
             try:
                 os.link(real, target)
                 continue
@@ -82,7 +82,7 @@ def export(checkpoint_path: str | os.PathLike, out: str | os.PathLike) -> pathli
     params = unet_params(cfg, trained, lambda: load_pipeline(cfg.model).params["unet"])  # LoRA: merged into the base
     src = resolve_model_path(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
-    _copy_pipeline(src, out)
+    copy_pipeline(src, out)
     write_unet(params, (src / "unet" / "config.json").resolve(), out / "unet")
     provenance = {"checkpoint": str(step_dir), "step": int(step_dir.name), "base_model": cfg.model, "base_path": str(src)}
     (out / "herd_jax_export.json").write_text(json.dumps(provenance, indent=2) + "\n")

@@ -18,7 +18,7 @@ from typing import Any
 
 import safetensors
 
-from herd_jax.errors import StorageError
+from herd_jax.errors import StorageError, root_reason
 
 __all__ = ["build_tiny_model", "tiny_model_path", "write_bin_copy", "TINY_MODEL_VERSION"]
 
@@ -229,8 +229,7 @@ def tiny_model_path() -> pathlib.Path:
         try:
             build_tiny_model(tmp, seed=0)
         except (OSError, safetensors.SafetensorError) as e:  # full disk, read-only cache
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
-            raise StorageError(f"cannot build the tiny model in {final.parent} ({reason}); set HERD_JAX_CACHE to a writable folder") from e
+            raise StorageError(f"cannot build the tiny model in {final.parent} ({root_reason(e)}); set HERD_JAX_CACHE to a writable folder") from e
         if final.exists() and not _is_current(final):  # stale version: move it aside, then replace
             stale = final.parent / f".{_CACHE_NAME}.stale-{uuid.uuid4().hex[:8]}"
             try:
