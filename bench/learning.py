@@ -280,14 +280,18 @@ def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: 
     that favours one goal over another raises the balanced reward less than it lowers this).
     The reference's final reward is its seed-mean curve at the budget, and "queries to reach"
     (in `unit`) is the first grid point where a variant's seed-mean curve gets to it.
+    paired / paired_se: the final minus the reference's final of the same seed, mean and standard
+    error over the seeds both ran (a seed fixes the sampling noise of every variant's first epochs,
+    so paired differences are less noisy than the difference of the means); None below 2 seeds.
     """
     import numpy as np
 
     curve = curves(records, budget, smooth, unit)
     rows = []
     for variant, c in curve.items():
-        starts, finals, worst_starts, worst_finals = [], [], [], []
+        starts, finals, worst_starts, worst_finals, seeds = [], [], [], [], []
         for seed in dict.fromkeys(r["seed"] for r in records if r["variant"] == variant):
+            seeds.append(seed)
             rows_seed = [r for r in records if r["variant"] == variant and r["seed"] == seed]
             ys = [r["reward_balanced"] for r in rows_seed]
             starts.append(np.mean(ys[:smooth]))
@@ -298,9 +302,14 @@ def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: 
         stopped = sum(bool(r["stopped"]) for r in records if r["variant"] == variant)
         rows.append({"variant": variant, "start": float(np.mean(starts)), "final": float(np.mean(finals)),
                      "final_std": float(np.std(finals)), "gain": float(np.mean(finals) - np.mean(starts)), "stopped": stopped,
-                     "worst_start": float(np.mean(worst_starts)), "worst_final": float(np.mean(worst_finals))})
+                     "worst_start": float(np.mean(worst_starts)), "worst_final": float(np.mean(worst_finals)),
+                     "final_by_seed": dict(zip(seeds, map(float, finals)))})
     target = next((r["final"] for r in rows if r["variant"] == reference), None)
+    ref_finals = next((r["final_by_seed"] for r in rows if r["variant"] == reference), {})
     for row in rows:
+        diffs = [f - ref_finals[seed] for seed, f in row["final_by_seed"].items() if seed in ref_finals]
+        row["paired"] = float(np.mean(diffs)) if len(diffs) >= 2 else None
+        row["paired_se"] = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) >= 2 else None
         row["queries_to_ref"] = None
         if target is not None:
             c = curve[row["variant"]]
@@ -314,13 +323,15 @@ def table_markdown(task: str, rows: list[dict[str, Any]], budget: int, seeds: Se
         f"Task `{task}`, budget {budget} {UNIT_LABELS[unit]}, seeds {list(seeds)}; reward = fresh samples under their own prompts "
         f"(mean of per-prompt means); start/final = mean of the first/last {smooth} epochs (final ± std over seeds).",
         "",
-        f"| variant | start | final (after {budget} {unit}) | gain | {unit} to reach {reference}'s final | runs stopped (NaN) | worst prompt: start → final |",
-        "|---|---|---|---|---|---|---|",
+        f"| variant | start | final (after {budget} {unit}) | gain | {unit} to reach {reference}'s final | runs stopped (NaN) | worst prompt: start → final "
+        f"| final − {reference}'s, paired by seed (± s.e.) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         reach = "not reached" if r["queries_to_ref"] is None else f"{r['queries_to_ref']} ({r['queries_to_ref'] / budget:.0%} of budget)"
+        paired = "—" if r["paired"] is None or r["variant"] == reference else f"{r['paired']:+.4f} ± {r['paired_se']:.4f}"
         lines.append(f"| {r['variant']} | {r['start']:.4f} | {r['final']:.4f} ± {r['final_std']:.4f} | {r['gain']:+.4f} | {reach} | {r['stopped']} "
-                     f"| {r['worst_start']:.4f} → {r['worst_final']:.4f} |")
+                     f"| {r['worst_start']:.4f} → {r['worst_final']:.4f} | {paired} |")
     return "\n".join(lines)
 
 

@@ -69,3 +69,22 @@ def test_report_from_csv_counts_trajectories_or_queries(tmp_path):
     assert "budget 160 reward queries" in md
     assert table_row(md, "fast")[4] == "160 (100% of budget)"
     assert (out / "learning_toy_trajectories.png").exists()
+
+
+def test_paired_difference_by_seed():
+    """The paired column: per seed, the variant's final minus the reference's, mean ± standard error."""
+    bench = load_bench()
+    rows = []
+    for seed, ref_final, gap in ((0, 0.1, 0.1), (1, 0.2, 0.2), (2, 0.3, 0.3)):
+        for variant, final in (("ref", ref_final), ("other", ref_final + gap)):
+            rows.append({"task": "toy", "variant": variant, "algorithm": "ddpo", "seed": seed, "epoch": 0,
+                         "trajectories": PER_EPOCH, "queries": PER_EPOCH, "reward": final, "reward_balanced": final,
+                         "reward_worst_prompt": final, "seconds": 1.0, "stopped": False})
+    summary = {row["variant"]: row for row in bench.summary(rows, PER_EPOCH, 1, reference="ref", unit="trajectories")}
+    # gaps 0.1, 0.2, 0.3: mean 0.2, sample std 0.1, standard error 0.1 / sqrt(3)
+    assert abs(summary["other"]["paired"] - 0.2) < 1e-9
+    assert abs(summary["other"]["paired_se"] - 0.1 / 3**0.5) < 1e-9
+    assert summary["ref"]["paired"] == 0.0
+    md = bench.table_markdown("toy", list(summary.values()), PER_EPOCH, [0, 1, 2], 1, reference="ref", unit="trajectories")
+    assert table_row(md, "other")[7] == "+0.2000 ± 0.0577"
+    assert table_row(md, "ref")[7] == "—"
