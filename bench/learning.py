@@ -34,6 +34,9 @@ Notes (measured on the tiny model, 2 CPU cores):
   pixel change to 4.5, a 16x cross-attention output to 3.5, q/k/v/out all 4x to 12 — yet the
   colour score still moves by < 0.005. Goal-conditional colour has to be learned from nothing,
   and in 1920-2880 trajectories no method does (README: the 8-seed table, the lr sweep, pilots).
+  On a text-conditional start (bench/conditional_pretrain.py --colors orange blue, then
+  `--set model=DIR --set train.trainable=lora`) replay learns both tasks and relabeling does not
+  add to it (README, 2026-12-03); full fine-tuning erases that start at every lr tried.
 - Noisy updates drift the policy on their own: with shuffled advantages JPEG compressibility
   still rises by ~0.02-0.04 in 30 epochs (incompressibility falls as much). tests/learning_check.py
   therefore compares each run with one trained on −r.
@@ -227,6 +230,9 @@ def run_variant(task: Task, variant: Variant, seeds: Sequence[int], budget: int,
                         "reward": metrics["reward/mean"],
                         "reward_balanced": balanced_reward(metrics),
                         "reward_worst_prompt": min(prompt_means(metrics)),
+                        # herd's truncated weights on the replayed rows: effective sample size and mean (NaN otherwise)
+                        "replay_ess": float(metrics.get("herd/ess", math.nan)),
+                        "replay_weight_mean": float(metrics.get("herd/weight_mean", math.nan)),
                         "seconds": time.perf_counter() - start,
                         "stopped": False,
                     }
@@ -362,7 +368,7 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace, out: pathlib
 
 def read_csv(path: pathlib.Path) -> list[dict[str, Any]]:
     """Records written by an earlier run (numbers parsed back; CSVs from before `trajectories` lack it)."""
-    types = {"seed": int, "epoch": int, "queries": int, "trajectories": int, "reward": float, "reward_balanced": float, "reward_worst_prompt": float, "seconds": float}
+    types = {"seed": int, "epoch": int, "queries": int, "trajectories": int, "reward": float, "reward_balanced": float, "reward_worst_prompt": float, "replay_ess": float, "replay_weight_mean": float, "seconds": float}
     records = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
