@@ -143,7 +143,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", default="ddpo", help="the variant whose final reward the table's 'to reach' column measures against")
     p.add_argument("--from_csv", nargs="+", default=[], help="redraw the table and PNGs from these learning.csv files (merged) instead of training")
     p.add_argument("--quick", action="store_true", help="1 seed, budget 320, color task only: a smoke run")
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="a config override for every run, key=value (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="a config override for every run, key=value (repeatable); a --variant's own overrides take precedence")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.budget, args.tasks = args.seeds[:1], min(args.budget, 320), ["color"]
@@ -188,8 +188,8 @@ def make_config(task: Task, variant: Variant, prompts_file: pathlib.Path, run_di
             f"prompts={prompts_file}",
             f"run_dir={run_dir}",
             *task.overrides,
-            *variant.overrides,
             *overrides,
+            *variant.overrides,  # last: a variant's own setting (e.g. its learning rate) beats a --set for every run
         ],
     )
 

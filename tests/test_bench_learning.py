@@ -88,3 +88,13 @@ def test_paired_difference_by_seed():
     md = bench.table_markdown("toy", list(summary.values()), PER_EPOCH, [0, 1, 2], 1, reference="ref", unit="trajectories")
     assert table_row(md, "other")[7] == "+0.2000 ± 0.0577"
     assert table_row(md, "ref")[7] == "—"
+
+
+def test_a_variants_override_beats_a_global_set(tmp_path):
+    """`--set train.learning_rate=X` for every run, `--variant v=ddpo:train.learning_rate=Y`: v trains at Y."""
+    bench = load_bench()
+    variant = bench.parse_variant("fast=ddpo:train.learning_rate=1e-2")
+    cfg = bench.make_config(bench.TASKS["color2"], variant, tmp_path / "prompts.txt", tmp_path / "run",
+                            ["train.learning_rate=3e-3", "train.num_inner_epochs=2"])
+    assert cfg.train.learning_rate == 1e-2
+    assert cfg.train.num_inner_epochs == 2
