@@ -295,21 +295,21 @@ def summary(records: list[dict[str, Any]], budget: int, smooth: int, reference: 
     curve = curves(records, budget, smooth, unit)
     rows = []
     for variant, c in curve.items():
-        starts, finals, worst_starts, worst_finals, seeds = [], [], [], [], []
+        starts, final_by_seed, worst_starts, worst_finals = [], {}, [], []
         for seed in dict.fromkeys(r["seed"] for r in records if r["variant"] == variant):
-            seeds.append(seed)
             rows_seed = [r for r in records if r["variant"] == variant and r["seed"] == seed]
             ys = [r["reward_balanced"] for r in rows_seed]
             starts.append(np.mean(ys[:smooth]))
-            finals.append(np.mean(ys[-smooth:]))
+            final_by_seed[seed] = float(np.mean(ys[-smooth:]))
             worst = [r.get("reward_worst_prompt", np.nan) for r in rows_seed]
             worst_starts.append(np.mean(worst[:smooth]))
             worst_finals.append(np.mean(worst[-smooth:]))
+        finals = list(final_by_seed.values())
         stopped = sum(bool(r["stopped"]) for r in records if r["variant"] == variant)
         rows.append({"variant": variant, "start": float(np.mean(starts)), "final": float(np.mean(finals)),
                      "final_std": float(np.std(finals)), "gain": float(np.mean(finals) - np.mean(starts)), "stopped": stopped,
                      "worst_start": float(np.mean(worst_starts)), "worst_final": float(np.mean(worst_finals)),
-                     "final_by_seed": dict(zip(seeds, map(float, finals)))})
+                     "final_by_seed": final_by_seed})
     target = next((r["final"] for r in rows if r["variant"] == reference), None)
     ref_finals = next((r["final_by_seed"] for r in rows if r["variant"] == reference), {})
     for row in rows:
