@@ -41,11 +41,14 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # XLA:CPU compile options for the tiny models (tests and the processes they start): LLVM at -O1
-# and one codegen module per program. Measured on 2 cores from a cold cache (2026-12-02): a
-# 2-epoch tiny run 85 -> 65 CPU-s, the demo learning test 113 -> 95 s wall (its longer runs
-# execute no slower). Tests that force a device count append to these flags.
+# without its expensive passes, and one codegen module per program. Measured on 2 cores from a
+# cold cache: -O1 (2026-12-02) took a 2-epoch tiny run from 85 to 65 CPU-s and the demo learning
+# test from 113 to 95 s wall (its longer runs execute no slower); skipping the expensive passes
+# (2026-12-03) then 51 -> 45 CPU-s and 77 -> 70 CPU-s (-O0 compiles faster still, but the demo's
+# 15-epoch runs then execute slower: 77 -> 112 CPU-s). Tests that force a device count append to these flags.
 _flags = os.environ.get("XLA_FLAGS", "").split()
-os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in ("--xla_backend_optimization_level=1", "--xla_cpu_parallel_codegen_split_count=1") if f not in _flags])
+_fast_compile = ("--xla_backend_optimization_level=1", "--xla_llvm_disable_expensive_passes=true", "--xla_cpu_parallel_codegen_split_count=1")
+os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in _fast_compile if f not in _flags])
 
 import pytest  # noqa: E402
 
