@@ -180,18 +180,14 @@ def data_scores(sd: Any, latents: jax.Array, colors: Sequence[str]) -> dict[str,
 
 def write_pipeline(params: dict, out: pathlib.Path) -> None:
     """The tiny model's files with the trained UNet and text encoder, checked by reading them back."""
-    from safetensors.numpy import save_file
-
-    from herd_jax.export import copy_pipeline, write_unet
-    from herd_jax.models.weights import torch_state_dict
+    from herd_jax.export import copy_pipeline, write_unet, write_weights
 
     src = tiny_model_path()
     copy_pipeline(src, out)
     write_unet(params["unet"], src / "unet" / "config.json", out / "unet")
     for old in (out / "text_encoder").glob("model*.safetensors"):
         old.unlink()  # a hard link to the base's file: replace it, never write through it
-    state = {k: v.astype(np.float32) for k, v in torch_state_dict(params["text_encoder"], "text_encoder").items()}
-    save_file(state, str(out / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
+    write_weights(params["text_encoder"], "text_encoder", out / "text_encoder" / "model.safetensors")
     back = load_pipeline(out)
     for name in ("unet", "text_encoder"):
         diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params[name], back.params[name])

@@ -29,15 +29,20 @@ from herd_jax import config as config_lib
 _LINK_MIN_BYTES = 1 << 20  # hard-link files at least this big outside unet/ (weights), copy the rest
 
 
-def write_unet(params: Any, unet_config_file: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Writes `params` as diffusers' `diffusion_pytorch_model.safetensors` plus a copy of `unet_config_file`."""
+def write_weights(params: Any, component: str, file: pathlib.Path) -> None:
+    """Writes a component's (`unet`, `text_encoder`, ...) params under their PyTorch names as float32 safetensors."""
     from safetensors.numpy import save_file
 
     from herd_jax.models.weights import torch_state_dict
 
+    state = {k: v.astype(np.float32) for k, v in torch_state_dict(params, component).items()}
+    save_file(state, str(file), metadata={"format": "pt"})
+
+
+def write_unet(params: Any, unet_config_file: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Writes `params` as diffusers' `diffusion_pytorch_model.safetensors` plus a copy of `unet_config_file`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.astype(np.float32) for k, v in torch_state_dict(params, "unet").items()}
-    save_file(state, str(out_dir / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    write_weights(params, "unet", out_dir / "diffusion_pytorch_model.safetensors")
     shutil.copyfile(unet_config_file, out_dir / "config.json")
 
 
