@@ -5,6 +5,9 @@ over seeds that test_demo.py's docstring quotes (the spread over seeds stands in
 over machines: float differences between CPUs change a run as much as another seed does):
 
   python tests/learning_check.py --algorithms ddpo herd --seeds 0 1 2 3 4 5 6 7 [key=value ...]
+  python tests/learning_check.py --preset configs/demo.toml --algorithms herd --epochs 30 --no_control
+
+(the second: the README demo's per-seed gains over its whole run, without the −r runs).
 
 For each algorithm and seed it prints gain = last − first and lead = last − last of the −r run
 (`last`: mean of the final ENDS epochs, `first`: the first FIRST epochs; rewards of fresh samples,
@@ -47,8 +50,8 @@ def balanced_reward(metrics: dict[str, float]) -> float:
     return float(np.mean([v for k, v in metrics.items() if k.startswith("reward/prompt/")]))
 
 
-def build(algorithm: str, run_dir: str, overrides: Sequence[str] = ()):
-    """The learning preset for `algorithm` on the one-colour task: (setup, initial state)."""
+def build(algorithm: str, run_dir: str, overrides: Sequence[str] = (), preset: pathlib.Path = PRESET):
+    """`preset` (the learning preset by default) for `algorithm` on the one-colour task: (setup, initial state)."""
     from herd_jax import config as config_lib
     from herd_jax import trainer
 
@@ -56,7 +59,7 @@ def build(algorithm: str, run_dir: str, overrides: Sequence[str] = ()):
     prompts.parent.mkdir(parents=True, exist_ok=True)
     prompts.write_text("\n".join(PROMPTS) + "\n")
     cfg = config_lib.load_config(
-        [str(PRESET)],
+        [str(preset)],
         [f"algorithm.name={algorithm}", f"prompts={str(prompts)!r}", f"run_dir={run_dir!r}", "reward.name=color", *overrides],
     )
     return trainer.build(cfg)
@@ -84,9 +87,10 @@ def curve(setup, initial, seed: int, sign: int, epochs: int = EPOCHS) -> np.ndar
         setup.reward = reward
 
 
-def paired(setup, initial, seed: int) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """(gain, lead, r-run curve, −r-run curve) for one seed."""
-    plus, minus = curve(setup, initial, seed, +1), curve(setup, initial, seed, -1)
+def paired(setup, initial, seed: int, epochs: int = EPOCHS, control: bool = True) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """(gain, lead, r-run curve, −r-run curve) for one seed; without `control` no −r run (lead and its curve NaN)."""
+    plus = curve(setup, initial, seed, +1, epochs)
+    minus = curve(setup, initial, seed, -1, epochs) if control else np.full(epochs, np.nan)
     last = plus[-ENDS:].mean()
     return float(last - plus[:FIRST].mean()), float(last - minus[-ENDS:].mean()), plus, minus
 
@@ -96,27 +100,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--algorithms", nargs="+", default=["ddpo", "ddpg", "dpok", "herd"])
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)))
     p.add_argument("--group", type=int, default=3, help="seeds averaged per test")
+    p.add_argument("--preset", type=pathlib.Path, default=PRESET, help="config file the runs start from")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per run")
+    p.add_argument("--no_control", action="store_true", help="skip the −r runs (gains only; half the time)")
     p.add_argument("overrides", nargs="*", help="config overrides on top of the preset")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     for algorithm in args.algorithms:
         with tempfile.TemporaryDirectory() as tmp:
-            setup, initial = build(algorithm, tmp, args.overrides)
+            setup, initial = build(algorithm, tmp, args.overrides, args.preset)
             rows = []
             for seed in args.seeds:
-                gain, lead, plus, minus = paired(setup, initial, seed)
+                gain, lead, plus, minus = paired(setup, initial, seed, args.epochs, not args.no_control)
                 rows.append((gain, lead))
-                print(f"{algorithm} seed {seed}: gain {gain:+.4f} lead {lead:+.4f}  r {np.round(plus, 3)}  -r {np.round(minus, 3)}", flush=True)
+                control = f" lead {lead:+.4f}" if not args.no_control else ""
+                print(f"{algorithm} seed {seed}: gain {gain:+.4f}{control}  r {np.round(plus, 3)}" + (f"  -r {np.round(minus, 3)}" if control else ""), flush=True)
             setup.reward.close()
             setup.logger.close()
         g, l = np.array(rows).T
         k = args.group
         groups = [(g[i : i + k].mean(), l[i : i + k].mean()) for i in range(0, len(g) - k + 1, k)]
         gg, gl = np.array(groups).T if groups else (np.array([np.nan]), np.array([np.nan]))
+        leads = "" if args.no_control else f"lead {l.mean():+.4f} ± {l.std(ddof=1):.4f} (min {l.min():+.4f}); "
         print(
-            f"== {algorithm}: gain {g.mean():+.4f} ± {g.std(ddof=1):.4f} (min {g.min():+.4f}), "
-            f"lead {l.mean():+.4f} ± {l.std(ddof=1):.4f} (min {l.min():+.4f}); "
-            f"means of {k} seeds: gain min {gg.min():+.4f}, lead min {gl.min():+.4f}",
+            f"== {algorithm}: gain {g.mean():+.4f} ± {g.std(ddof=1):.4f} (min {g.min():+.4f}), {leads}"
+            f"means of {k} seeds: gain min {gg.min():+.4f}" + ("" if args.no_control else f", lead min {gl.min():+.4f}"),
             flush=True,
         )
 
