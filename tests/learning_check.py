@@ -113,8 +113,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for seed in args.seeds:
                 gain, lead, plus, minus = paired(setup, initial, seed, args.epochs, not args.no_control)
                 rows.append((gain, lead))
-                control = f" lead {lead:+.4f}" if not args.no_control else ""
-                print(f"{algorithm} seed {seed}: gain {gain:+.4f}{control}  r {np.round(plus, 3)}" + (f"  -r {np.round(minus, 3)}" if control else ""), flush=True)
+                lead_text, minus_text = ("", "") if args.no_control else (f" lead {lead:+.4f}", f"  -r {np.round(minus, 3)}")
+                print(f"{algorithm} seed {seed}: gain {gain:+.4f}{lead_text}  r {np.round(plus, 3)}{minus_text}", flush=True)
             setup.reward.close()
             setup.logger.close()
         g, l = np.array(rows).T
