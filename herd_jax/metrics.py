@@ -227,7 +227,10 @@ class WandbLogger:
         self.run.log({key: wb_images}, step=step)
 
     def close(self) -> None:
+        # finish() can return before wandb's service has flushed the run file to disk (seen
+        # under load: a 7-byte header); teardown waits for the service to write and exit.
         self.run.finish()
+        self._wandb.teardown()
 
 
 def make_logger(
