@@ -124,6 +124,22 @@ def test_best_records_every_scored_pair_and_counts_k_queries(herd_setup):
     assert kept == sorted(np.asarray(answers).round(4).tolist())  # every paid-for answer, once
 
 
+def test_achieved_filter_stores_only_copies_that_score_higher_under_the_new_goal(herd_setup):
+    """`relabel_filter=achieved`: a copy enters the buffer only if r(x, c′) > r(x, c) (unfiltered,
+    all four would); every scored pair still enters the relabeled windows."""
+    make, fresh, frozen, params = herd_setup
+    alg = make("herd.relabel_filter='achieved'", "herd.correction='behaviour'")  # behaviour: no UNet in prepare, a small compile
+    queries = Queries(jnp.arange(4, dtype=jnp.int32), jnp.asarray([2, 2, 0, 1]), jnp.ones(4, bool))
+    answers = jnp.asarray([0.5, 0.2, 0.8, 0.4])  # fresh rewards 0.1 0.7 0.3 0.9: rows 0 and 2 score higher
+    _, state, _, metrics = jax.jit(alg.prepare)(alg.init(), stats.init(3, 4), fresh, queries, answers, params, frozen, jnp.int32(0), jax.random.PRNGKey(0))
+    buffer = state.buffer
+    copies = np.asarray(buffer.relabeled) & np.asarray(buffer.valid)
+    assert sorted(np.asarray(buffer.items.reward)[copies].tolist()) == pytest.approx([0.5, 0.8])
+    assert sorted(np.asarray(buffer.items.goal)[copies].tolist()) == [0, 2]
+    assert float(metrics["herd/copies_stored"]) == 0.5
+    assert int(state.relabeled.count.sum()) == 4  # the filtered-out pairs were paid for and are kept as statistics
+
+
 @pytest.mark.parametrize("strategy", ["random", "best", "sentence"])
 def test_copies_of_one_trajectory_get_distinct_goals(strategy):
     goal = jnp.asarray([0, 1, 2, 3, 0, 1, 2, 3])

@@ -40,6 +40,11 @@ normalised by the relabeled window of its goal. Every scored (image, goal) pair 
 relabeled windows, `best`'s K candidates included (K reward queries, K entries). A trajectory's
 copies get distinct goals.
 
+Relabel filter (`herd.relabel_filter`): `none` stores every copy; `achieved` stores a copy only
+when its image scores higher under c′ than under the goal it was sampled for, r(x₀, c′) > r(x₀, c)
+— HER's relabeling to the goal the outcome achieved (Andrychowicz et al. 2017), for a dense
+goal reward. The filtered-out pairs were paid for and still enter the relabeled windows.
+
 What the original HERD code got wrong, and we fix: per-prompt advantage normalisation and
 relabeling could not be combined (here the stat trackers are keyed by goal id over prompts and
 hindsight goals), and relabeled rewards were not counted as reward queries.
@@ -75,6 +80,7 @@ class HerdConfig:
     replay_ratio: float = 1.0  # replayed samples per fresh sample in each update batch
     correction: Literal["recompute", "behaviour", "truncated"] = "recompute"  # recompute: log π_old re-evaluated under c' (ratio starts at 1; a heuristic); behaviour: keep log π(·|c); truncated: recompute's clip × min(rho_bar, π_θ(·|c') / π_b(·|c)) per step (summed log-probs)
     rho_bar: float = 1.0  # `truncated`: the weights' upper bound ρ̄
+    relabel_filter: Literal["none", "achieved"] = "none"  # achieved: store a copy only if its image scores higher under c' than under its own goal c
 
     def validate(self, cfg: Any, num_devices: int) -> None:
         if self.capacity % num_devices:
@@ -210,6 +216,8 @@ def make(ctx: api.Context) -> api.Algorithm:
         relabeled = stats_lib.update(state.relabeled, queries.goal, answers, jnp.asarray(queries.valid))  # every scored pair
         copy_goal, copy_reward, copy_valid = relabeled_copies(queries, answers, copies=h.copies, batch=n)
         tiled = jax.tree.map(lambda x: jnp.concatenate([x] * h.copies), fresh)
+        if h.relabel_filter == "achieved":
+            copy_valid = copy_valid & (copy_reward > tiled.reward)
         copies = tiled._replace(goal=copy_goal, cond=frozen.goal_embeds[copy_goal], reward=copy_reward)
         buffer = replay.add(state.buffer, copies, epoch=epoch, original_prompt_id=tiled.goal, relabeled=True, mask=copy_valid)
         buffer = replay.expire(buffer, current_epoch=epoch, keep_epochs=h.keep_epochs)
@@ -232,6 +240,7 @@ def make(ctx: api.Context) -> api.Algorithm:
         batch = api.Batch(both.latents, both.log_probs, both.cond, advantages, valid.astype(jnp.float32))
         metrics.update({
             "herd/relabeled_reward": jnp.sum(copy_reward * copy_valid) / jnp.maximum(jnp.sum(copy_valid), 1),
+            "herd/copies_stored": jnp.sum(copy_valid) / (h.copies * n),
             "herd/replayed_valid": jnp.mean(info["valid"].astype(jnp.float32)),
         })
         return batch, HerdState(buffer, relabeled), stats, metrics
