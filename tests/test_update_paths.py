@@ -144,7 +144,7 @@ def test_score_function_update_lowers_its_surrogate_on_the_batch(tiny_sd, tiny_p
                 old_log_prob=traj.log_probs[:, i], cond=cond, advantages=advantages, weights=jnp.ones(4),
             )
             return loss_fn(p, aux, tr)[0]
-        return jnp.mean(jnp.stack([step(i) for i in range(tiny_policy.num_steps)]))
+        return jnp.mean(jax.lax.map(step, jnp.arange(tiny_policy.num_steps)))  # one UNet in the program, not one per step
 
     optimizer = make_optimizer(1e-4)
     update = HostLoopUpdate(loss_fn, optimizer, num_inner_epochs=1, minibatch_size=4, num_train_timesteps=tiny_policy.num_steps)
