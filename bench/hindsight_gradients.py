@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     def log_prob_sum(unet_params, latents, cond):
         return jnp.sum(policy.trajectory_log_probs(unet_params, latents[None], cond[None], uncond))
 
+    flat = lambda tree: np.asarray(ravel_pytree(tree)[0], np.float64)
     spaces = {"lora": Trainable("lora", rank=args.lora_rank, alpha=float(args.lora_rank)), "full UNet": Trainable("all")}
     grads = {}
     for name, trainable in spaces.items():
@@ -93,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         a_own, a_other = normalised(r_own, ids), normalised(r_other, other)
         corr = float(np.corrcoef(a_own, a_other)[0, 1])
         for name, (params, grad) in grads.items():
-            flat = lambda tree: np.asarray(ravel_pytree(tree)[0], np.float64)
             g_own = np.stack([flat(grad(params, traj.latents[i], embeds[ids[i]])) for i in range(len(ids))])
             g_other = np.stack([flat(grad(params, traj.latents[i], embeds[other[i]])) for i in range(len(ids))])
             cos = np.array([cosine(a, b) for a, b in zip(g_own, g_other)])
