@@ -28,7 +28,7 @@ import numpy as np
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="SD directory in the diffusers layout, or 'tiny' (default)")
-    p.add_argument("--prompts", nargs=2, default=["an orange ball", "a blue ball"], help="the two goals (color2's by default)")
+    p.add_argument("--prompts", nargs="+", default=["an orange ball", "a blue ball"], help="the goals (color2's two by default); each trajectory's copy gets a uniformly random other goal, as herd.goal_strategy=random")
     p.add_argument("--samples", type=int, default=32, help="trajectories per prompt (default 32)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one batch per seed (default 0)")
     p.add_argument("--num_steps", type=int, default=4, help="DDIM steps (the learning preset's 4)")
@@ -53,6 +53,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if len(args.prompts) < 2:
+        raise SystemExit("hindsight_gradients.py: error: --prompts needs at least two goals")
     import jax
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
@@ -81,14 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         fn = lambda p, latents, cond, t=trainable: log_prob_sum(t.unet_params(p, unet), latents, cond)
         grads[name] = (params, jax.jit(jax.grad(fn)))
 
-    print(f"model {args.model}, goals {args.prompts}, {args.samples} trajectories per goal, {args.num_steps} steps, eta {args.eta}")
+    print(f"model {args.model}, goals {args.prompts}, {args.samples} trajectories per goal, copies to a random other goal, {args.num_steps} steps, eta {args.eta}")
     print("| seed | space | r(x,c) | r(x,c') | corr(A, A') | per-trajectory cos(g, g'): mean (min, max) | cos(G, G') | abs(G') / abs(G) | cos(G + G', G) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for seed in args.seeds:
-        ids = np.repeat(np.arange(2), args.samples)
+        num_goals = len(args.prompts)
+        ids = np.repeat(np.arange(num_goals), args.samples)
         traj = rollout(unet, sd.params["vae"], embeds[ids], uncond, jax.random.PRNGKey(seed))
         images = np.asarray(traj.images)
-        other = 1 - ids
+        other = (ids + np.random.default_rng(seed).integers(1, num_goals, len(ids))) % num_goals
         r_own = np.asarray(reward(images, [args.prompts[i] for i in ids]))
         r_other = np.asarray(reward(images, [args.prompts[i] for i in other]))
         a_own, a_other = normalised(r_own, ids), normalised(r_other, other)
