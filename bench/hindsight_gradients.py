@@ -5,7 +5,8 @@ herd's update gets, for a trajectory x sampled under goal c and its copy relabel
 A·∇log π(x | c) + w·A′·∇log π(x | c′) (w: the truncated weight, 1 under `recompute`). If the two
 gradients point the same way (a weak caption pathway: the policy barely tells c from c′) while
 A′ has the opposite sign of A (on two colours, an image that is more orange is less blue), the
-copy undoes its original. This samples a batch from a model, scores every image under both goals,
+copy undoes its original. This samples a batch from a model, relabels each trajectory to a random
+other goal, scores every image under its own goal and its copy's,
 takes per-trajectory gradients of Σ_t log π (summed over steps and latent dimensions) with respect
 to the LoRA adapters the benchmark trains (and, for comparison, the full UNet), and prints:
 
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {args.model}, goals {args.prompts}, {args.samples} trajectories per goal, copies to a random other goal, {args.num_steps} steps, eta {args.eta}")
     print("| seed | space | r(x,c) | r(x,c') | corr(A, A') | per-trajectory cos(g, g'): mean (min, max) | cos(G, G') | abs(G') / abs(G) | cos(G + G', G) |")
     print("|---|---|---|---|---|---|---|---|---|")
+    num_goals = len(args.prompts)
     for seed in args.seeds:
-        num_goals = len(args.prompts)
         ids = np.repeat(np.arange(num_goals), args.samples)
         traj = rollout(unet, sd.params["vae"], embeds[ids], uncond, jax.random.PRNGKey(seed))
         images = np.asarray(traj.images)
