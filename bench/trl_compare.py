@@ -15,7 +15,11 @@ alternate A B A B ... for --rounds rounds, so load from other processes on the m
 both sides alike. Reported: median seconds and samples/s for
   sampling  K rollout batches of B samples (T guided steps with log-probs, VAE decode), no reward
   epoch     one whole epoch: sampling + reward + advantages + training on all B·K samples
-and herd-jax/TRL ratios (issue 7 target: epoch ratio >= 5).
+and herd-jax/TRL ratios (issue 14 targets: epoch >= 2x TRL on the embedded tiny SD, >= 1.5x on
+`--model second`), and each system's model FLOP/s: the epoch's model FLOPs (bench/sd15.py's count
+from XLA's cost analysis: T UNet forwards on the guided batch and a VAE decode per sampling batch,
+one loss gradient per trained timestep and sample; both systems do this same work) over its median
+time, next to this machine's float32 matmul rate (jnp.dot 2048x2048, the best any kernel here does).
 
   bash bench/setup_trl_env.sh                 # once: TRL's own environment
   python bench/trl_compare.py                 # tiny SD, 8 steps, batch 8 x 2, train batch 8
@@ -142,7 +146,13 @@ def herd_worker(s: dict[str, Any], update: str) -> None:
         holder["state"] = jax.block_until_ready(new_state)
 
     sample(), epoch()  # warm-up: compilation
-    serve({"sample": sample, "epoch": epoch}, {"system": "herd-jax", "algorithm": cfg.algorithm.name, "update": update, "jax": jax.__version__, "devices": len(jax.devices())})
+    import sd15  # model FLOPs and the matmul peak, counted as the SD v1.5 benchmark counts them
+
+    rollout_flops, epoch_flops = sd15.epoch_flops(setup, holder["state"])
+    serve({"sample": sample, "epoch": epoch}, {
+        "system": "herd-jax", "algorithm": cfg.algorithm.name, "update": update, "jax": jax.__version__, "devices": len(jax.devices()),
+        "sample_flops": s["batches"] * rollout_flops, "epoch_flops": epoch_flops, "sgemm_flops": sd15.measured_sgemm(),
+    })
 
 
 def trl_worker(s: dict[str, Any], threads: str) -> None:
@@ -289,6 +299,31 @@ def second_shape() -> pathlib.Path:
     return SECOND_SHAPE
 
 
+def trl_readable(model: str, workdir: str) -> str:
+    """The model directory as TRL's transformers 4.57 can load it: herd-jax writes tokenizers with
+    transformers 5 (tokenizer.json only), while 4.x's CLIPTokenizer reads vocab.json + merges.txt.
+    Returns a folder of links to every component but the tokenizer, which gets those two files,
+    taken from tokenizer.json's BPE model (same vocabulary, same merges)."""
+    src = pathlib.Path(model)
+    tokenizer = src / "tokenizer"
+    if (tokenizer / "vocab.json").is_file() or not (tokenizer / "tokenizer.json").is_file():
+        return model
+    view = pathlib.Path(workdir) / "model-for-trl"
+    view.mkdir()
+    for item in src.iterdir():
+        if item.name != "tokenizer":
+            (view / item.name).symlink_to(item.resolve())
+    (view / "tokenizer").mkdir()
+    bpe = json.loads((tokenizer / "tokenizer.json").read_text())["model"]
+    (view / "tokenizer" / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    (view / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    config.pop("backend", None)
+    (view / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(view)
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     if not pathlib.Path(args.trl_python).exists():
         print(f"error: no TRL environment at {args.trl_python}; run `bash bench/setup_trl_env.sh` first", file=sys.stderr)
@@ -309,6 +344,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="trl-compare-")
     settings_file = os.path.join(workdir, "settings.json")
     pathlib.Path(settings_file).write_text(json.dumps(settings))
+    trl_settings_file = os.path.join(workdir, "settings-trl.json")
+    pathlib.Path(trl_settings_file).write_text(json.dumps(dict(settings, model=trl_readable(args.model, workdir))))
     n = settings["batch"] * settings["batches"]
     print(f"model={args.model}\nsteps={args.steps} batch={args.batch} batches/epoch={args.batches} "
           f"train_batch={settings['train_batch']} lora={args.lora} rounds={args.rounds}; worker logs in {workdir}\n"
@@ -320,11 +357,13 @@ def orchestrate(args: argparse.Namespace) -> int:
     plan += [(f"TRL (torch threads {t})" if len(threads) > 1 else "TRL", "trl", args.trl_python, t) for t in threads]
     workers: dict[str, Worker] = {}
     times: dict[tuple[str, str], list[float]] = {}
+    work: dict[str, float] = {}  # model FLOPs per sampling pass / epoch and the matmul rate, from herd-jax's worker
     try:
         for label, kind, python, variant in plan:  # built one at a time: each warm-up uses every core
             start = time.perf_counter()
-            workers[label] = Worker(label, kind, python, settings_file, variant)
+            workers[label] = Worker(label, kind, python, trl_settings_file if kind == "trl" else settings_file, variant)
             info = workers[label].read()
+            work.update({k: info[k] for k in ("sample_flops", "epoch_flops", "sgemm_flops") if k in info})
             print(f"{label}: ready in {time.perf_counter() - start:.1f}s (build + warm-up) {info}", flush=True)
         for r in range(args.rounds):  # A B A B ...: load from elsewhere hits every side alike
             for label, worker in workers.items():
@@ -335,26 +374,29 @@ def orchestrate(args: argparse.Namespace) -> int:
     finally:
         for w in workers.values():
             w.close()
-    print_results(args, n, times, list(workers))
+    print_results(args, n, times, list(workers), work)
     return 0
 
 
-def print_results(args: argparse.Namespace, n: int, times: dict[tuple[str, str], list[float]], labels: list[str]) -> None:
+def print_results(args: argparse.Namespace, n: int, times: dict[tuple[str, str], list[float]], labels: list[str], work: dict[str, float]) -> None:
     print(f"\n{n} samples per epoch ({args.batch} x {args.batches}), {args.steps} steps, train batch "
           f"{args.train_batch or args.batch}; {args.rounds} alternating rounds; load average at end {os.getloadavg()[0]:.2f}\n")
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     trl = min((label for label in labels if label.startswith("TRL")), key=lambda label: med[(label, "epoch")])
-    print(f"| system | sampling s (median / min) | sampling samples/s | epoch s (median / min) | epoch samples/s | epoch vs {trl} |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| system | sampling s (median / min) | sampling samples/s | sampling GFLOP/s | epoch s (median / min) | epoch samples/s "
+          f"| epoch GFLOP/s | epoch vs {trl} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label in labels:
         s, e = (label, "sample"), (label, "epoch")
-        print(f"| {label} | {med[s]:.3f} / {best[s]:.3f} | {n / med[s]:.1f} | {med[e]:.3f} / {best[e]:.3f} | {n / med[e]:.2f} "
-              f"| {med[(trl, 'epoch')] / med[e]:.2f}x |")
+        print(f"| {label} | {med[s]:.3f} / {best[s]:.3f} | {n / med[s]:.1f} | {work['sample_flops'] / med[s] / 1e9:.1f} "
+              f"| {med[e]:.3f} / {best[e]:.3f} | {n / med[e]:.2f} | {work['epoch_flops'] / med[e] / 1e9:.1f} | {med[(trl, 'epoch')] / med[e]:.2f}x |")
+    print(f"\nmodel work: {work['sample_flops'] / 1e9:.2f} GFLOP per sampling pass, {work['epoch_flops'] / 1e9:.2f} GFLOP per epoch; "
+          f"this machine's float32 matmul (jnp.dot 2048x2048, best of 10): {work['sgemm_flops'] / 1e9:.1f} GFLOP/s")
     for label in labels:
         if not label.startswith("TRL"):
             print(f"\n{label} / {trl}: sampling {med[(trl, 'sample')] / med[(label, 'sample')]:.2f}x, "
-                  f"epoch {med[(trl, 'epoch')] / med[(label, 'epoch')]:.2f}x (medians; target >= 5x); best of rounds: "
+                  f"epoch {med[(trl, 'epoch')] / med[(label, 'epoch')]:.2f}x (medians); best of rounds: "
                   f"sampling {best[(trl, 'sample')] / best[(label, 'sample')]:.2f}x, epoch {best[(trl, 'epoch')] / best[(label, 'epoch')]:.2f}x")
 
 
