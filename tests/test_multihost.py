@@ -32,7 +32,13 @@ RESUME_MARKER = "=== multihost_script: resume ==="  # multihost_script.RESUME_MA
 # the pretrained ones by median 1.1e-2, max 2.0e-2 (~lr per step): 55x the tolerance. Without the
 # cross-process reduction (a real 2-process variant, measured before it was emulated in one
 # process): max |Δparam| 3.6e-2, median 3.2e-3, 80% of the params off by > 1e-3.
+# Other numerics move the few worst params most: the same test compiled at LLVM -O0 (2026-12-07,
+# standing in for another CPU's code generation) gave median 1.2e-6, 99.9th percentile 4.5e-5,
+# max 2.8e-4 (1 of 793k params above 2e-4, 33 above 1e-4: an AdamW step on a near-zero gradient
+# amplifies rounding). So the check bounds the 99.9th percentile by TOL and every param by
+# MAX_TOL; the emulated run without the reduction: 99.9th percentile 3.6e-2, 180x TOL.
 TOL = 2e-4
+MAX_TOL = 2e-3
 
 
 def free_port() -> int:
@@ -86,14 +92,17 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 
 def check_params(params: dict, reference: dict, initial: dict) -> None:
-    """The check a multi-process run must pass: params moved >= 10x TOL and agree within TOL."""
+    """The check a multi-process run must pass: params moved >= 10x TOL (median) and agree: 99.9% of
+    them within TOL, every one within MAX_TOL."""
     assert sorted(params) == sorted(reference) == sorted(initial)
     keys = sorted(params)
     moved = np.concatenate([np.abs(reference[k] - initial[k]).ravel() for k in keys])
     assert np.median(moved) >= 10 * TOL, f"training moved the params by only {np.median(moved):.2g} (median)"
+    bulk = float(np.quantile(np.concatenate([np.abs(params[k] - reference[k]).ravel() for k in keys]), 0.999))
     diff = {k: float(np.abs(params[k] - reference[k]).max()) for k in keys}
     worst = max(diff, key=diff.get)
-    assert diff[worst] <= TOL, f"params differ by up to {diff[worst]:.3g} > {TOL} (at {worst})"
+    assert bulk <= TOL, f"params differ by up to {bulk:.3g} > {TOL} (99.9th percentile; largest {diff[worst]:.3g} at {worst})"
+    assert diff[worst] <= MAX_TOL, f"params differ by up to {diff[worst]:.3g} > {MAX_TOL} (at {worst})"
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +142,8 @@ def test_two_processes_match_one(runs):
     a, b = flat(two), flat(one)
     assert sorted(a) == sorted(b)
     for k in a:
+        if k.startswith("['params']"):
+            continue  # checked above
         if np.issubdtype(a[k].dtype, np.floating):  # optimizer state, reward windows
             np.testing.assert_allclose(a[k], b[k], rtol=0, atol=TOL, err_msg=k)
         else:  # step, RNG key, reward counts and queries
