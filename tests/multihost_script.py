@@ -9,9 +9,10 @@ Usage: multihost_script.py RUN_DIR OUT.npz [train.py flags and overrides, e.g. t
    checkpoint 1 from disk, trains epoch 1 and saves checkpoint 2 again. It prints RESUME_MARKER
    first, so the test can read this call's own output.
 3. Only in a single process (the test's reference): the same 2 epochs from the same initial
-   state, with each update fed only the first half of the batch's rows (`half_rows_update`):
-   what process 0 of 2 computes when no gradient crosses processes. Written to OUT.npz.
-Process 0 writes the process and device counts to OUT.npz. 1 and 2 share one `trainer.build`
+   state, with each update counting only the first half of the batch's rows (`half_rows_update`:
+   the others weighted 0): what process 0 of 2 computes when no gradient crosses processes.
+   Written to OUT.npz.
+Process 0 writes the process and device counts to OUT.npz. 1, 2 and 3 share one `trainer.build`
 (`build_once`): every process compiles each program it runs (JAX's persistent compile cache is
 off for the multi-process test, see test_multihost.launch), so a second build would compile
 everything again.
@@ -40,26 +41,21 @@ RESUME_MARKER = "=== multihost_script: resume ==="
 DISTRIBUTED_FLAGS = ("--coordinator_address", "--num_processes", "--process_id")
 
 
-def half_rows_update(setup, cfg, share: int = 2):
-    """Replaces setup.steps.update by the same update built for 1/`share` of the batch and fed
-    only the batch's first rows: a process of `share` stepping on its own gradient alone."""
-    import jax
+def half_rows_update(setup, share: int = 2):
+    """Wraps setup.steps.update so that only the first 1/`share` of each batch's rows count: the
+    others get weight 0 (as padding rows do), so every loss is the mean over those rows alone and
+    so is each gradient. That is what process 0 of `share` steps on when no gradient crosses
+    processes (it holds the batch's first rows), with the same compiled update: no second build."""
+    import jax.numpy as jnp
 
-    from herd_jax import config as config_lib
-    from herd_jax import trainer
+    update = setup.steps.update
 
-    local_cfg = config_lib.load_config(
-        [config_lib.to_dict(cfg)],
-        [f"sample.batch_size={cfg.sample.batch_size // share}", f"train.batch_size={cfg.train.batch_size // share}"],
-    )
-    local, _ = trainer.build(local_cfg)
-    local.reward.close()
+    def first_rows_only(params, opt_state, frozen, batch, timesteps, key):
+        n = batch.weights.shape[0]
+        weights = batch.weights * (jnp.arange(n) < n // share)
+        return update(params, opt_state, frozen, batch._replace(weights=weights), timesteps, key)
 
-    def update(params, opt_state, frozen, batch, timesteps, key):
-        rows = lambda x: x[: x.shape[0] // share]
-        return local.steps.update(params, opt_state, frozen, jax.tree.map(rows, batch), timesteps, key)
-
-    setup.steps = setup.steps._replace(update=update)
+    setup.steps = setup.steps._replace(update=first_rows_only)
 
 
 def main(run_dir: str, out: str, flags: list[str]) -> None:
@@ -97,7 +93,7 @@ def main(run_dir: str, out: str, flags: list[str]) -> None:
 
     if jax.process_count() == 1:  # 3.
         setup, state = build_once(built[0][0].cfg)
-        half_rows_update(setup, setup.cfg)
+        half_rows_update(setup)
         for _ in range(setup.cfg.num_epochs):
             state, _, _ = trainer.run_epoch(setup, state)
         setup.reward.close()
