@@ -6,8 +6,10 @@ The epoch runs the one-program scanned update (the GPU/TPU default, where FSDP i
 params all-gather, data split and gradient reduce-scatter are what FSDP adds. LoRA is only
 built (its frozen base sharded, adapters replicated): its update is the same code on a smaller
 trainable tree, and each trained case costs the suite about two CPU-minutes of compiling.
-`plan` compiles the same update (memory_plan: abstract inputs, no run) with FSDP off and on for
-its per-device temporaries.
+`plan` is the per-device memory analysis of the two runs' own compiled updates (what
+`herd_jax.memory_plan` reports for the same cell: 2 samples per device, remat blocks, every
+timestep one gradient call; test_fsdp.py compiles with XLA:CPU's memory-optimised scheduler, as
+memory_plan does): compiling the update a third and fourth time for the plan cost the suite ~25 CPU-s.
 """
 import json
 import pathlib
@@ -28,6 +30,8 @@ CASES = {
 COMMON = [
     'algorithm.name="ddpo"', 'logging.log_with="none"', "checkpoint.save_every=0", "eval.every=0",
     "train.adam_eps=1e-4",  # see test_update_paths.py: keeps updates of near-zero-gradient params proportional
+    # The planned cell (test_fsdp_update_gathers_per_layer): 2 samples per device, remat blocks, one timestep per gradient call.
+    "sample.batch_size=8", "train.batch_size=8", 'model_options.remat="blocks"', "train.timestep_batch=1",
 ]
 
 
@@ -50,20 +54,20 @@ def build(case: str, fsdp: bool):
 def run(case: str, fsdp: bool) -> dict:
     setup, state, where = build(case, fsdp)
     initial = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    memory = {}
+    update = setup.steps.update
+
+    def analysed(*args):
+        """The update, after reading its compiled program's memory analysis (the call reuses that compile)."""
+        analysis = update.lower(*args).compile().memory_analysis()
+        memory.update(temp=analysis.temp_size_in_bytes, argument=analysis.argument_size_in_bytes)
+        return update(*args)
+
+    setup.steps = setup.steps._replace(update=analysed)
     state, metrics, _ = trainer.run_epoch(setup, state)
     where["params_after"] = sharded_fraction(state.params)
-    return {"initial": initial, "final": [np.asarray(x) for x in jax.tree.leaves(state.params)], "where": where, "loss": metrics["train/loss"]}
-
-
-def plan() -> dict:
-    """Per-device temporaries of the tiny model's scanned full-fine-tune update, replicated vs FSDP."""
-    from herd_jax import memory_plan as mp
-    from herd_jax.models import tiny_model_path
-
-    n = len(jax.devices())
-    cells = [mp.Cell("train", "fp32", "all", 2 * n, remat="blocks", fsdp=fsdp) for fsdp in (False, True)]
-    rows = mp.plan(mp.configs_from_dir(tiny_model_path()), cells, resolution=32, num_steps=4, devices=n)
-    return {name: {"temp": r.temp, "argument": r.argument} for name, r in zip(("replicated", "fsdp"), rows)}
+    final = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    return {"initial": initial, "final": final, "where": where, "loss": metrics["train/loss"], "memory": memory}
 
 
 def main() -> None:
@@ -78,7 +82,7 @@ def main() -> None:
         "loss": [replicated["loss"], sharded["loss"]],
     }
     out["lora"] = {"fsdp_where": build("lora", True)[2], "replicated_where": build("lora", False)[2]}
-    out["plan"] = plan()
+    out["plan"] = {"replicated": replicated["memory"], "fsdp": sharded["memory"]}
     print(json.dumps(out))
 
 
