@@ -25,13 +25,14 @@ from test_checkpoint import TINY, TINY_FILE, assert_trees_identical, raw_state  
 from tracing import count_traces  # noqa: E402
 
 # herd (fp32, full) is the tiny runs' algorithm (test_checkpoint.py). ddpg (ddpo's loss and update
-# plus its behaviour branch), LoRA and bf16 share one run: each build costs the suite about a CPU
-# minute of compiling on 2 cores, and a resume bug in any of them fails it.
+# plus its behaviour branch), LoRA and bf16 share one run, and dpok trains a `filter` subset: each
+# build costs the suite about a CPU minute of compiling on 2 cores, and a resume bug in any of them
+# fails it. The filter run also checks that an epoch changes only its targets (bit for bit).
 VARIANTS = {
     # ε = 0.5 with this seed: epoch 0 samples from the current policy and epoch 1 from the frozen
     # pretrained UNet (asserted below), so the resumed epoch takes the pretrained branch.
     "ddpg-lora-bf16": ["algorithm.name=ddpg", "ddpg.epsilon=0.5", "seed=1", "train.trainable=lora", "precision=bf16", "train.clip_range=1e-3"],
-    "dpok": ["algorithm.name=dpok"],
+    "dpok-filter": ["algorithm.name=dpok", "train.trainable=filter"],
     "grpo": ["algorithm.name=grpo", "grpo.group_size=2", "grpo.kl_weight=0.1"],
 }
 
@@ -75,3 +76,20 @@ def test_resume_is_bit_exact(variant, tmp_path, monkeypatch):
 
     moved = [np.asarray(a).tobytes() != np.asarray(b).tobytes() for a, b in zip(jax.tree.leaves(start["params"]), jax.tree.leaves(final["params"]))]
     assert any(moved), "epoch 1 did not change the params: the comparison would be trivial"
+    if "train.trainable=filter" in overrides:
+        assert_only_targets_changed(trainer.make_trainable(_config(straight, overrides)), start["params"], final["params"])
+
+
+def assert_only_targets_changed(trainable, before, after) -> None:
+    """`train.trainable=filter`: the epoch changed some of the targets' params and left every other
+    param bit-identical (the optimizer's `set_to_zero` branch: no AdamW step, no weight decay)."""
+    import flax.traverse_util
+    import numpy as np
+
+    flat = lambda tree: {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
+    before, after = flat(before), flat(after)
+    targets = set(trainable.targets(flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in before.items()})))
+    assert targets and targets < set(before)
+    changed = {k for k in before if before[k].tobytes() != after[k].tobytes()}
+    assert changed, "nothing trained"
+    assert changed <= targets, sorted(changed - targets)
