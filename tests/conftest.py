@@ -43,14 +43,18 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
 # suite is unchanged, 21.0 vs 21.2 user CPU-min: it compiles most configs in one process only).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# XLA:CPU compile options for the tiny models (tests and the processes they start): LLVM at -O1
+# XLA:CPU compile options for the tiny models (tests and the processes they start): LLVM at -O0
 # without its expensive passes, and one codegen module per program. Measured on 2 cores from a
 # cold cache: -O1 (2026-12-02) took a 2-epoch tiny run from 85 to 65 CPU-s and the demo learning
-# test from 113 to 95 s wall (its longer runs execute no slower); skipping the expensive passes
-# (2026-12-03) then 51 -> 45 CPU-s and 77 -> 70 CPU-s (-O0 compiles faster still, but the demo's
-# 15-epoch runs then execute slower: 77 -> 112 CPU-s). Tests that force a device count append to these flags.
+# test from 113 to 95 s wall; skipping the expensive passes (2026-12-03) then 51 -> 45 CPU-s and
+# 77 -> 70 CPU-s; -O0 (2026-12-07) a 2-epoch tiny run 39.7 -> 36.4 CPU-s (compiles ~17% faster,
+# executes ~30% slower). Most tests compile far more than they execute, so the suite runs at -O0;
+# the two that execute most (the demo's 45 epochs, test_fsdp's remat epochs: 77 -> 112 and 90 ->
+# 128 CPU-s at -O0) run in processes of their own at -O1. Every comparison between processes
+# (killed vs straight runs, 2 processes vs 1) has both sides at the same level. Tests that force
+# a device count append to these flags.
 _flags = os.environ.get("XLA_FLAGS", "").split()
-_fast_compile = ("--xla_backend_optimization_level=1", "--xla_llvm_disable_expensive_passes=true", "--xla_cpu_parallel_codegen_split_count=1")
+_fast_compile = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true", "--xla_cpu_parallel_codegen_split_count=1")
 os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in _fast_compile if f not in _flags])
 
 import pytest  # noqa: E402
