@@ -76,12 +76,34 @@ def tiny_policy(tiny_sd):
     return make_policy(tiny_sd, num_steps=4, eta=1.0, guidance_scale=5.0)
 
 
+# Modules by CPU-s from a cold cache (fresh clone, 2-core Xeon, 2026-12-07); test_checkpoint's
+# group also holds test_run_safety, test_evaluate_export and test_logging_integration.
+HEAVIEST_FIRST = (
+    "test_checkpoint",  # ~190 with its group
+    "test_multihost",  # 105
+    "test_update_paths",  # 105
+    "test_fsdp",  # 86
+    "test_demo",  # 79
+    "test_resume",  # 77 (3 ungrouped runs)
+    "test_models",  # 71
+    "test_memory_plan",  # 68
+    "test_imagereward",  # 68
+    "test_herd_correction",  # 43
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`--dist loadgroup`), a test module whose tests share a module-scoped
     fixture (tiny runs, multi-process runs, compiled models) is one group, unless its tests name
     another (`xdist_group("tiny_runs")` spans modules): the fixture then runs once, on one worker,
-    instead of once on every worker that gets one of its tests. Other tests spread one by one."""
+    instead of once on every worker that gets one of its tests. Other tests spread one by one.
+
+    The heaviest modules go first (xdist hands out groups in collection order), so that the last
+    ones to start are short and both workers finish together: in collection order, test_resume's
+    three ~25 CPU-s runs were handed out last and one worker idled 37 s at the end (2026-12-07)."""
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: the rest keep their order
     for item in items:
         if any(m.name == "xdist_group" for m in item.iter_markers()):
             continue
