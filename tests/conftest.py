@@ -61,6 +61,12 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def executing_xla_flags() -> str:
+    """XLA_FLAGS for a process that executes more than it compiles: the suite's, LLVM at -O1."""
+    return os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", "--xla_backend_optimization_level=1")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd():
     """The embedded tiny SD, loaded once per test session through the real loader."""
     from herd_jax.models import load_pipeline

@@ -25,12 +25,11 @@ TOLERANCE = 2e-5
 
 
 @pytest.fixture(scope="module")
-def epochs():
+def epochs(executing_xla_flags):
     # XLA:CPU's memory-optimised scheduler, as herd_jax.memory_plan compiles (its CPU_FAST_COMPILE
     # says why: the default one keeps every rematerialised block live at once); LLVM at -O1, not the
     # suite's -O0 (tests/conftest.py): these remat epochs execute more than they compile.
-    flags = os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", "--xla_backend_optimization_level=1")
-    flags += " --xla_force_host_platform_device_count=4 --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+    flags = executing_xla_flags + " --xla_force_host_platform_device_count=4 --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
     env = dict(os.environ, XLA_FLAGS=flags)
     result = subprocess.run([sys.executable, str(HERE / "fsdp_script.py")], env=env, capture_output=True, text=True, timeout=900, cwd=HERE.parent)
     assert result.returncode == 0, result.stderr[-3000:]
