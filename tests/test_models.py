@@ -310,25 +310,14 @@ def test_chunked_attention_matches_xla():
 
 @pytest.fixture(scope="session")
 def unet_value_and_grad():
-    """(module, params, inputs) -> (d sum(output·w) / d params, output), compiled once per module.
-
-    Compiled with LLVM at -O0 (each program runs once here): the three UNet gradients compile in
-    13.4 instead of 18.9 CPU-s (2026-12-07, 2-core Xeon); the arithmetic is XLA's either way."""
+    """jit(module, params, inputs) -> (d sum(output·w) / d params, output), the module static."""
 
     def f(unet, params, sample, t, context):
         out = unet.apply({"params": params}, sample, t, context)
         weight = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
         return jax.grad(lambda p: jnp.sum(unet.apply({"params": p}, sample, t, context) * weight))(params), out
 
-    compiled = {}
-
-    def value_and_grad(unet, *args):
-        if unet not in compiled:
-            lowered = jax.jit(f, static_argnums=0).lower(unet, *args)
-            compiled[unet] = lowered.compile({"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
-        return compiled[unet](*args)
-
-    return value_and_grad
+    return jax.jit(f, static_argnums=0)
 
 
 def test_chunked_attention_in_the_unet_matches_plain(sd):

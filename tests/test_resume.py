@@ -86,9 +86,9 @@ def assert_only_targets_changed(trainable, before, after) -> None:
     import flax.traverse_util
     import numpy as np
 
+    targets = set(trainable.targets(before))
     flat = lambda tree: {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
     before, after = flat(before), flat(after)
-    targets = set(trainable.targets(flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in before.items()})))
     assert targets and targets < set(before)
     changed = {k for k in before if before[k].tobytes() != after[k].tobytes()}
     assert changed, "nothing trained"
