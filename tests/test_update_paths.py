@@ -33,6 +33,9 @@ MULTI = [
 ]
 
 
+SCAN_VS_HOST_TOL = 5e-6  # max |Δparam| after the epoch (measurements in the test)
+
+
 def build(tmp_path: pathlib.Path, *overrides: str):
     cfg = config_lib.load_config([str(REPO / f) for f in SHAPES], [f"run_dir={str(tmp_path)!r}", *MULTI, *overrides])
     return trainer.build(cfg)
@@ -55,6 +58,21 @@ class MeanPixel:
 
 def expected_reward(images: np.ndarray, prompt_ids) -> np.ndarray:
     return (np.asarray(images, np.float64).reshape(len(images), -1).mean(1) / 255.0 + np.asarray(prompt_ids)).astype(np.float32)
+
+
+def compiled_at_o1(jitted):
+    """`jitted`, compiled on its first call with LLVM at -O1, then that executable: the suite
+    compiles at -O0 (tests/conftest.py), under which the scanned update executes ~20x slower (an
+    epoch here: 30 vs 1.6 CPU-s, 2026-12-07). The same program; its results differ from -O0's by
+    float rounding only."""
+    compiled = []
+
+    def call(*args):
+        if not compiled:
+            compiled.append(jitted.lower(*args).compile({"xla_backend_optimization_level": 1}))
+        return compiled[0](*args)
+
+    return call
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +107,7 @@ def test_scan_and_host_updates_give_the_same_params(host, tmp_path):
     host_setup, initial = host
     scan_setup, scan_initial = build(tmp_path, 'train.update_loop="scan"')
     assert not hasattr(scan_setup.steps.update, "jitted")  # the one-program update really runs
+    scan_setup.steps = scan_setup.steps._replace(update=compiled_at_o1(scan_setup.steps.update))
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     a, metrics_host, _ = trainer.run_epoch(host_setup, copy(initial))
     b, metrics_scan, _ = trainer.run_epoch(scan_setup, copy(scan_initial))
@@ -96,11 +115,13 @@ def test_scan_and_host_updates_give_the_same_params(host, tmp_path):
     moved = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(initial.params)))
     diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
     # Same keys, permutations and arithmetic; only float summation order differs (XLA fuses the
-    # loops differently). An update that skipped a minibatch, an inner epoch or trained other
-    # timesteps would differ by about as much as the params moved.
+    # loops differently, and here compiles them at other LLVM levels). Measured 2026-12-07: max
+    # |scan - host| 1.5e-7 with both at -O0, 7.9e-7 with the scan at -O1; params moved 1.1e-3. An
+    # update that skipped a minibatch, an inner epoch or trained other timesteps would differ by
+    # about as much as the params moved.
     print(f"scan vs host: params moved {moved:.3g}, max |scan - host| {diff:.3g}")
-    assert moved > 100 * 3e-6
-    assert diff < 3e-6
+    assert moved > 100 * SCAN_VS_HOST_TOL
+    assert diff < SCAN_VS_HOST_TOL
     for key in ("train/loss", "train/approx_kl", "train/clipfrac"):
         np.testing.assert_allclose(metrics_scan[key], metrics_host[key], rtol=1e-4, atol=1e-7, err_msg=key)
 
