@@ -18,7 +18,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 # Stated tolerance: the same arithmetic with gradients reduced across devices in another order
 # (reduce-scatter vs all-reduce) and the scanned update partitioned another way; measured max
 # |Δparam| 1.75e-6 after one epoch at 1 sample per device (2026-12-02; the host loop's: ~1e-8),
-# 4.5e-6 at the planned cell's 2 samples per device, remat blocks, 32 gradient calls (2026-12-07),
+# 4.5e-6 at the planned cell's 2 samples per device, remat blocks, 32 gradient calls (2026-12-07;
+# 6.7e-7 with YNNPACK fusions off, XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=),
 # while the params move up to 3e-4 (lr 3e-4, one AdamW step): 10x the tolerance must still fit
 # under that, and a missing gradient reduction moves params by ~lr.
 TOLERANCE = 2e-5
