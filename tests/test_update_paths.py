@@ -118,9 +118,8 @@ def test_scan_and_host_updates_give_the_same_params(host, tmp_path):
     # loops differently, and here compiles them at other LLVM levels). Measured 2026-12-07: max
     # |scan - host| 1.5e-7 with both at -O0, 7.9e-7 with the scan at -O1, 5.5e-7 with YNNPACK
     # fusions off (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=: other convolution code);
-    # params moved 1.1e-3. An
-    # update that skipped a minibatch, an inner epoch or trained other timesteps would differ by
-    # about as much as the params moved.
+    # params moved 1.1e-3. An update that skipped a minibatch, an inner epoch or trained other
+    # timesteps would differ by about as much as the params moved.
     print(f"scan vs host: params moved {moved:.3g}, max |scan - host| {diff:.3g}")
     assert moved > 100 * SCAN_VS_HOST_TOL
     assert diff < SCAN_VS_HOST_TOL
