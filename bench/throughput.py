@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--update", choices=["auto", "scan", "host"], default="auto",
                    help="train.update_loop: scan (one jitted update), host (Python loop over jitted gradient steps), auto (host on CPU)")
     p.add_argument("--breakdown", action="store_true", help="also time each jitted step and the reward inside the epoch (blocking after each)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="further config override (repeatable), e.g. --set train.timestep_batch=8")
     return p.parse_args(argv)
 
 
@@ -99,7 +101,7 @@ def make_config(args: argparse.Namespace, run_dir: str):
         "logging.log_with": "none",
         "logging.image_every": 0,
     }
-    return config_lib.load_config([str(REPO / "configs" / "tiny.toml")], [config_lib.nested({k: v}) for k, v in overrides.items()])
+    return config_lib.load_config([str(REPO / "configs" / "tiny.toml")], [config_lib.nested({k: v}) for k, v in overrides.items()] + list(args.set))
 
 
 def unet_params(setup, state):
