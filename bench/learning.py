@@ -42,9 +42,11 @@ Notes (measured on the tiny model, 2 CPU cores):
   therefore compares each run with one trained on −r.
 - herd's gain needs replay over several epochs (keep_epochs 1 ends below its start at lr 1e-2);
   "herd-replay" (goal_strategy sentence on one-sentence prompts: no copies, no relabel queries)
-  separates replay from relabeling. Over 16 seeds it reaches ddpo's final with fewer queries
-  than herd (colour 16% vs 34%, JPEG 42% vs 61%): on these tasks a relabeled copy has the same
-  reward as its original, so its query buys nothing; the README has the table. dpok at DPOK's KL weight 0.01 stays near the pretrained
+  separates replay from relabeling. Over 8 seeds (2026-12-07) it ends highest and reaches ddpo's
+  final with fewer queries than herd (colour 11% vs 28%, JPEG 69% vs not reached): on these tasks
+  a relabeled copy has the same reward as its original, so its query buys nothing; at lr 1e-2
+  `herd.correction=truncated` weights most replayed rows near 0 (mean weight 0.16-0.21); the
+  README has the table. dpok at DPOK's KL weight 0.01 stays near the pretrained
   policy (the KL term is doing its job); the preset uses 1e-3.
 
 Examples:
