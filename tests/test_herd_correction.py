@@ -1,5 +1,6 @@
-"""herd's principled correction and honest statistics (issue 15): truncated per-decision weights
-against a float64 NumPy computation, separate relabeled windows, every scored pair kept, distinct goals."""
+"""herd's principled corrections and honest statistics (issue 15): truncated per-decision and
+self-normalised trajectory weights against a float64 NumPy computation, separate relabeled windows,
+every scored pair kept, distinct goals."""
 from __future__ import annotations
 
 import jax
@@ -43,6 +44,33 @@ def test_truncated_weights_equal_float64_density_ratios_and_truncate():
     assert not np.asarray(grad).any()
 
 
+def test_self_normalised_weights_equal_float64_trajectory_ratios():
+    """Hand-made Gaussian policies over T = 3 steps: w_i = ρ_i / mean_j ρ_j over the valid rows,
+    ρ_i the trajectory's density ratio from full float64 densities; invalid rows get 0."""
+    rng = np.random.default_rng(1)
+    n, steps, shape = 6, 3, (2, 2, 4)  # D = 16 dimensions per step
+    std = 0.3
+    mu_b = rng.normal(size=(n, steps, *shape))
+    x = mu_b + std * rng.normal(size=mu_b.shape)
+    mu_t = mu_b + 0.03 * rng.normal(size=mu_b.shape)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    per_step = lambda mu: jnp.stack([gaussian_log_prob(f32(x[:, t]), f32(mu[:, t]), f32(np.full((n, 1, 1, 1), std))) for t in range(steps)], axis=1)
+    lp_b, lp_t = per_step(mu_b), per_step(mu_t)  # [N, T] per-dimension means
+    mask = np.array([True, True, False, True, True, True])
+    log_rho = sum(_numpy_log_density(x[:, t], mu_t[:, t], np.full((n, 1, 1, 1), std)) - _numpy_log_density(x[:, t], mu_b[:, t], np.full((n, 1, 1, 1), std)) for t in range(steps))
+    rho = np.exp(log_rho)
+    expected = np.where(mask, rho / rho[mask].mean(), 0.0)
+    w = np.asarray(herd.self_normalised_weights(lp_t, lp_b, 16, jnp.asarray(mask)))
+    np.testing.assert_allclose(w, expected, rtol=2e-3, atol=1e-7)
+    assert w[mask].mean() == pytest.approx(1.0, rel=1e-5) and expected.max() > 1.2 and expected[mask].min() < 0.8  # unequal weights
+    # Log space: ratios far beyond float32's range still give finite weights (the largest row wins).
+    far = np.asarray(herd.self_normalised_weights(lp_t + f32(np.arange(n)[:, None]), lp_b, 16, jnp.asarray(mask)))
+    np.testing.assert_allclose(far, np.eye(n)[-1] * mask.sum(), atol=1e-6)
+    assert not np.asarray(herd.self_normalised_weights(lp_t, lp_b, 16, jnp.zeros(n, bool))).any()
+    grad = jax.grad(lambda t: herd.self_normalised_weights(t, lp_b, 16, jnp.asarray(mask)).sum())(lp_t)
+    assert not np.asarray(grad).any()  # stop-gradient
+
+
 def test_effective_sample_size():
     assert float(herd.effective_sample_size(jnp.ones(8), jnp.ones(8, bool))) == pytest.approx(1.0)
     one_hot = jnp.zeros(8).at[3].set(5.0)
@@ -70,6 +98,21 @@ def herd_setup(tiny_sd, tiny_policy):
     return make, fresh, frozen, tiny_sd.params["unet"]
 
 
+@pytest.fixture(scope="module")
+def jitted_prepare(herd_setup):
+    """(init, jitted prepare) of herd under these overrides, compiled once per module."""
+    make = herd_setup[0]
+    cache = {}
+
+    def get(*overrides):
+        if overrides not in cache:
+            alg = make(*overrides)
+            cache[overrides] = (alg.init, jax.jit(alg.prepare))
+        return cache[overrides]
+
+    return get
+
+
 def test_truncated_weight_is_one_for_the_same_goal_and_params(herd_setup):
     """c′ = c and unchanged params: π_θk(·|c′) = π_b(·|c), every weight 1 (ESS 1)."""
     make, fresh, frozen, params = herd_setup
@@ -80,15 +123,15 @@ def test_truncated_weight_is_one_for_the_same_goal_and_params(herd_setup):
     assert float(metrics["herd/weight_mean"]) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_truncated_correction_scales_replayed_advantages_by_the_weights(herd_setup):
+def test_truncated_correction_scales_replayed_advantages_by_the_weights(herd_setup, jitted_prepare):
     """Under another goal the replayed rows' advantages are recompute's times min(ρ̄, ratio) per step."""
-    make, fresh, frozen, params = herd_setup
+    _, fresh, frozen, params = herd_setup
     other = jnp.asarray([2, 2, 0, 1])
     queries = Queries(jnp.arange(4, dtype=jnp.int32), other, jnp.ones(4, bool))
     out = {}
-    for correction in ("recompute", "truncated"):
-        alg = make(f"herd.correction='{correction}'", "herd.rho_bar=1.0")
-        out[correction] = jax.jit(alg.prepare)(alg.init(), stats.init(3, 4), fresh, queries, jnp.asarray([0.2, 0.4, 0.6, 0.8]), params, frozen, jnp.int32(0), jax.random.PRNGKey(0))
+    for correction, overrides in (("recompute", ("herd.correction='recompute'",)), ("truncated", ("herd.correction='truncated'", "herd.rho_bar=1.0"))):
+        init, prepare = jitted_prepare(*overrides)
+        out[correction] = prepare(init(), stats.init(3, 4), fresh, queries, jnp.asarray([0.2, 0.4, 0.6, 0.8]), params, frozen, jnp.int32(0), jax.random.PRNGKey(0))
     rec, trunc = out["recompute"][0], out["truncated"][0]
     np.testing.assert_array_equal(np.asarray(rec.advantages[:4]), np.asarray(trunc.advantages[:4]))  # fresh rows: weight 1
     np.testing.assert_array_equal(np.asarray(rec.log_probs), np.asarray(trunc.log_probs))  # same clip reference
@@ -97,13 +140,39 @@ def test_truncated_correction_scales_replayed_advantages_by_the_weights(herd_set
     assert float(out["truncated"][3]["herd/ess"]) < 1.0  # another goal: unequal weights
 
 
-def test_relabeled_rewards_do_not_change_fresh_advantages(herd_setup):
+def test_self_normalised_correction_weights_whole_replayed_trajectories(herd_setup, jitted_prepare, tiny_policy):
+    """`weighted`: each replayed row's advantages are recompute's times one constant w_i, the
+    trajectory's π_θ(τ|c′) / π_b(τ|c) over the replayed rows' mean (a float64 NumPy computation from
+    the recorded and recomputed per-step log-probs); fresh rows unchanged; with c′ = c and the
+    sampling params every weight is 1."""
+    _, fresh, frozen, params = herd_setup
+    init, recompute = jitted_prepare("herd.correction='recompute'")
+    _, weighted = jitted_prepare("herd.correction='weighted'")
+    run = lambda prepare, goals: prepare(init(), stats.init(3, 4), fresh, Queries(jnp.arange(4, dtype=jnp.int32), goals, jnp.ones(4, bool)), jnp.asarray([0.2, 0.4, 0.6, 0.8]), params, frozen, jnp.int32(0), jax.random.PRNGKey(0))
+    other = jnp.asarray([2, 2, 0, 1])
+    (plain, *_), (batch, _, _, metrics) = run(recompute, other), run(weighted, other)
+    np.testing.assert_array_equal(np.asarray(plain.advantages[:4]), np.asarray(batch.advantages[:4]))
+    np.testing.assert_array_equal(np.asarray(plain.log_probs), np.asarray(batch.log_probs))  # the clip's reference: recompute's
+    # Each replayed row is a copy of one fresh row (same latents): its behaviour log-probs are that row's.
+    source = [int(np.flatnonzero((np.asarray(fresh.latents) == np.asarray(batch.latents[4 + i])).all(axis=tuple(range(1, fresh.latents.ndim))))[0]) for i in range(4)]
+    num_dims = int(np.prod(tiny_policy.latent_shape))
+    log_rho = num_dims * (np.asarray(batch.log_probs[4:], np.float64) - np.asarray(fresh.log_probs, np.float64)[source]).sum(axis=1)
+    expected = np.exp(log_rho - log_rho.max()) / np.exp(log_rho - log_rho.max()).mean()
+    a, b = np.asarray(plain.advantages[4:], np.float64), np.asarray(batch.advantages[4:], np.float64)
+    np.testing.assert_allclose(b, a * expected[:, None], rtol=2e-3, atol=1e-6)
+    assert expected.max() > 1.05 and float(metrics["herd/ess"]) < 1.0  # another goal: unequal weights
+    assert float(metrics["herd/weight_mean"]) == pytest.approx(1.0, abs=1e-5)
+    # c′ = c, the sampling params: ρ = 1 for every row.
+    same = run(weighted, fresh.goal)[3]
+    assert float(same["herd/ess"]) == pytest.approx(1.0, abs=1e-4) and float(same["herd/weight_max"]) == pytest.approx(1.0, abs=1e-2)
+
+
+def test_relabeled_rewards_do_not_change_fresh_advantages(herd_setup, jitted_prepare):
     """Relabeled rewards live in their own windows: the fresh rows' advantages ignore them."""
-    make, fresh, frozen, params = herd_setup
-    alg = make("herd.correction='recompute'")
+    _, fresh, frozen, params = herd_setup
+    init, prepare = jitted_prepare("herd.correction='recompute'")
     queries = Queries(jnp.arange(4, dtype=jnp.int32), jnp.asarray([1, 2, 2, 1]), jnp.ones(4, bool))  # other goals, incl. goal 1 of fresh rows
-    prepare = jax.jit(alg.prepare)
-    runs = [prepare(alg.init(), stats.init(3, 4), fresh, queries, answers, params, frozen, jnp.int32(0), jax.random.PRNGKey(0)) for answers in (jnp.zeros(4), jnp.full(4, 5.0))]
+    runs = [prepare(init(), stats.init(3, 4), fresh, queries, answers, params, frozen, jnp.int32(0), jax.random.PRNGKey(0)) for answers in (jnp.zeros(4), jnp.full(4, 5.0))]
     np.testing.assert_array_equal(np.asarray(runs[0][0].advantages[:4]), np.asarray(runs[1][0].advantages[:4]))
     np.testing.assert_array_equal(np.asarray(runs[0][2].rewards), np.asarray(runs[1][2].rewards))  # on-policy windows unchanged
     assert not np.array_equal(np.asarray(runs[0][1].relabeled.rewards), np.asarray(runs[1][1].relabeled.rewards))

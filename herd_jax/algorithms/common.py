@@ -1,5 +1,6 @@
 """Loss pieces shared by the policy-gradient algorithms: advantage and ratio clipping, and the
-truncated importance weights of off-policy rows (herd's replay, ddpg's pretrained epochs).
+importance weights of off-policy rows (herd's replay, ddpg's pretrained epochs): truncated
+per-step, or self-normalised per trajectory.
 
 Each loss is a pure function of per-sample arrays returning `(loss, info)`, where info holds
 `approx_kl` (½·E[(log π − log π_old)²], as DDPO logs it) and `clipfrac`.
@@ -97,6 +98,20 @@ def truncated_weights(target_log_probs: jax.Array, behaviour_log_probs: jax.Arra
     densities' log-ratio is num_dims × the difference of the means. Constant (stop-gradient)."""
     log_ratio = num_dims * (jax.lax.stop_gradient(target_log_probs) - jax.lax.stop_gradient(behaviour_log_probs))
     return jnp.exp(jnp.minimum(log_ratio, jnp.log(rho_bar)))
+
+
+def self_normalised_weights(target_log_probs: jax.Array, behaviour_log_probs: jax.Array, num_dims: int, mask: jax.Array) -> jax.Array:
+    """Weighted (self-normalised) importance weights of whole trajectories, f32[N]: with
+    log ρ_i = Σ_t num_dims · (target − behaviour)[i, t] (DDPO's per-dimension *mean* log-probs
+    [N, T] turned back into the densities' log-ratio of every step, summed over the trajectory),
+    w_i = ρ_i / mean_j ρ_j over the rows where mask is True, so the valid weights average 1; 0
+    elsewhere (all 0 when no row is valid). Computed in log space (a softmax): ρ_i itself may
+    overflow. Constant (stop-gradient)."""
+    log_ratio = num_dims * jnp.sum(jax.lax.stop_gradient(target_log_probs) - jax.lax.stop_gradient(behaviour_log_probs), axis=1)
+    count = jnp.sum(mask)
+    shifted = jnp.where(mask, log_ratio - jnp.max(jnp.where(mask, log_ratio, -jnp.inf)), -jnp.inf)
+    unnormalised = jnp.where(mask, jnp.exp(shifted), 0.0)
+    return jnp.where(count > 0, count * unnormalised / jnp.maximum(jnp.sum(unnormalised), 1e-30), 0.0)
 
 
 def effective_sample_size(weights: jax.Array, mask: jax.Array) -> jax.Array:

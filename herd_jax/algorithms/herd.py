@@ -33,6 +33,18 @@ Off-policy correction (`herd.correction`) of the replayed rows (copies and stale
              that bias and ρ̄'s for bounded variance. `herd/ess` logs the weights' effective
              sample size (Σw)² / (n Σw²) over the replayed rows' steps (1: uniform weights; near
              1/n: a few steps carry the update — typical of D-dimensional density ratios).
+  weighted   self-normalised importance weights of whole trajectories on top of `recompute`'s clip
+             (weighted importance sampling; the "weighted" hindsight policy gradient estimators of
+             Rauber et al. 2019). The reward comes once, at the end of the trajectory, so the
+             per-decision weight of every step's term A·∇log π(x_{t-1} | x_t, c′) is the ratio of
+             all the trajectory's steps, ρ = Π_t π_θk(x_{t-1} | x_t, c′) / π_b(x_{t-1} | x_t, c)
+             (summed log-probs again); unlike `truncated` it also corrects for the states x_t
+             having been reached under c. ρ's variance grows with D and T, so it is normalised
+             over the update batch's valid replayed rows: w_i = ρ_i / mean_j ρ_j (mean 1, at
+             most the number of rows; biased, consistent, bounded). The same constant w_i
+             multiplies the row's advantage at every step; fresh rows keep weight 1. `herd/ess`
+             logs the weights' effective sample size over the replayed rows, `herd/weight_max`
+             the largest weight.
 
 Statistics: on-policy rewards (fresh trajectories) and relabeled rewards keep separate per-goal
 windows, so relabeled rewards never shift a fresh row's baseline; a replayed relabeled row is
@@ -62,7 +74,7 @@ import numpy as np
 from herd_jax import replay
 from herd_jax import stats as stats_lib
 from herd_jax.algorithms import api, ddpo
-from herd_jax.algorithms.common import effective_sample_size, truncated_weights
+from herd_jax.algorithms.common import effective_sample_size, self_normalised_weights, truncated_weights
 from herd_jax.errors import ConfigError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
@@ -78,7 +90,7 @@ class HerdConfig:
     capacity: int = 256  # buffer size in trajectories
     keep_epochs: int = 1  # iterations the buffer keeps (the original kept 1; its paper's "b2" kept 2)
     replay_ratio: float = 1.0  # replayed samples per fresh sample in each update batch
-    correction: Literal["recompute", "behaviour", "truncated"] = "recompute"  # recompute: log π_old re-evaluated under c' (ratio starts at 1; a heuristic); behaviour: keep log π(·|c); truncated: recompute's clip × min(rho_bar, π_θ(·|c') / π_b(·|c)) per step (summed log-probs)
+    correction: Literal["recompute", "behaviour", "truncated", "weighted"] = "recompute"  # recompute: log π_old re-evaluated under c' (ratio starts at 1; a heuristic); behaviour: keep log π(·|c); truncated: recompute's clip × min(rho_bar, π_θ(·|c') / π_b(·|c)) per step (summed log-probs); weighted: recompute's clip × the trajectory's π_θ(τ|c') / π_b(τ|c), self-normalised over the replayed rows
     rho_bar: float = 1.0  # `truncated`: the weights' upper bound ρ̄
     relabel_filter: Literal["none", "achieved"] = "none"  # achieved: store a copy only if its image scores higher under c' than under its own goal c
 
@@ -223,9 +235,12 @@ def make(ctx: api.Context) -> api.Algorithm:
         buffer = replay.expire(buffer, current_epoch=epoch, keep_epochs=h.keep_epochs)
         items, info = replay.sample(buffer, key, num_replay)
         metrics = {}
-        if h.correction in ("recompute", "truncated"):
+        if h.correction in ("recompute", "truncated", "weighted"):
             target = policy.trajectory_log_probs(params, items.latents, items.cond, frozen.uncond)
-            weights = truncated_weights(target, items.log_probs, num_dims, h.rho_bar) if h.correction == "truncated" else None
+            if h.correction == "truncated":
+                weights = truncated_weights(target, items.log_probs, num_dims, h.rho_bar)  # [M, T]
+            elif h.correction == "weighted":
+                weights = jnp.broadcast_to(self_normalised_weights(target, items.log_probs, num_dims, info["valid"])[:, None], target.shape)
             items = items._replace(log_probs=target)
         both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), fresh, items)
         valid = jnp.concatenate([jnp.ones((n,), bool), info["valid"]])
@@ -233,10 +248,12 @@ def make(ctx: api.Context) -> api.Algorithm:
         on_policy = api.normalised_advantages(stats, both.goal, both.reward, valid & ~from_relabel, train=train, num_steps=num_steps)
         off_goal = api.normalised_advantages(relabeled, both.goal, both.reward, valid & from_relabel, train=train, num_steps=num_steps)
         advantages = jnp.where(from_relabel[:, None], off_goal, on_policy)
-        if h.correction == "truncated":
+        if h.correction in ("truncated", "weighted"):
             advantages = advantages.at[n:].multiply(weights)  # w ≥ 0 commutes with the clip's max
-            metrics["herd/ess"] = effective_sample_size(weights, jnp.broadcast_to(info["valid"][:, None], weights.shape))
-            metrics["herd/weight_mean"] = jnp.sum(weights * info["valid"][:, None]) / jnp.maximum(jnp.sum(info["valid"]) * num_steps, 1)
+            replayed = jnp.broadcast_to(info["valid"][:, None], weights.shape)
+            metrics["herd/ess"] = effective_sample_size(weights, replayed)
+            metrics["herd/weight_mean"] = jnp.sum(weights * replayed) / jnp.maximum(jnp.sum(replayed), 1)
+            metrics["herd/weight_max"] = jnp.max(weights * replayed)
         batch = api.Batch(both.latents, both.log_probs, both.cond, advantages, valid.astype(jnp.float32))
         metrics.update({
             "herd/relabeled_reward": jnp.sum(copy_reward * copy_valid) / jnp.maximum(jnp.sum(copy_valid), 1),
