@@ -48,7 +48,7 @@ def test_two_epoch_run_on_tiny_model(tmp_path):
         (["--config", "configs/tiny.toml", "--algorithm", "ddpo", "train.estimator=sf", "train.num_inner_epochs=2"], r"biased with train.num_inner_epochs=2"),
         (["--config", "configs/tiny.toml", "--algorithm", "ddpo", "train.estimator=sf", "sample.num_batches_per_epoch=2"], r"biased with \d+ minibatches per epoch"),
         (["--config", "configs/tiny.toml", "--algorithm", "ddpg", "ddpg.rho_bar=0"], r"ddpg.rho_bar must be > 0"),
-        (["--config", "configs/tiny.toml", "--algorithm", "ddpg", "ddpg.correction=vtrace"], r"ddpg.correction='vtrace' is not one of: ratio, truncated"),
+        (["--config", "configs/tiny.toml", "--algorithm", "ddpg", "ddpg.correction=vtrace"], r"ddpg.correction='vtrace' is not one of: ratio, truncated, weighted"),
         (["--config", "configs/tiny.toml", "--reward_model", "color_success", "reward.success_threshold=1.5"], r"reward.success_threshold must be in \[0, 1\), got 1.5"),
     ],
 )

@@ -231,8 +231,9 @@ def test_copies_of_one_trajectory_get_distinct_goals(strategy):
 
 def test_ddpg_truncated_weights_pretrained_epochs(herd_setup, tiny_policy):
     """Samples of the pretrained UNet trained under other params: advantages are the `ratio`
-    variant's times min(ρ̄, π_θ / π_pre) per step, the clip's reference is log π_θ; under the
-    sampling params themselves every weight is 1."""
+    variant's times min(ρ̄, π_θ / π_pre) per step (`weighted`: times the trajectory's ratio over
+    the batch's mean), the clip's reference is log π_θ; under the sampling params themselves
+    every weight is 1."""
     from herd_jax import config as config_lib
     from herd_jax.algorithms import ddpg
     from herd_jax.algorithms.api import Context
@@ -264,3 +265,11 @@ def test_ddpg_truncated_weights_pretrained_epochs(herd_setup, tiny_policy):
     same, _, _, same_metrics = truncated(pretrained)
     assert float(same_metrics["ddpg/ess"]) == pytest.approx(1.0, abs=1e-4)
     np.testing.assert_allclose(np.asarray(same.advantages), np.asarray(ratio(pretrained)[0].advantages), rtol=1e-2, atol=1e-6)
+    # `weighted`: one weight per trajectory, its full ratio over the batch's mean.
+    weighted, _, _, weighted_metrics = prepared("ddpg.correction='weighted'")(moved)
+    log_rho = num_dims * (target - np.asarray(fresh.log_probs, np.float64)).sum(axis=1)
+    w = np.exp(log_rho - log_rho.max()) / np.exp(log_rho - log_rho.max()).mean()
+    assert w.max() > 1.05
+    np.testing.assert_allclose(np.asarray(weighted.advantages), np.asarray(plain.advantages) * w[:, None], rtol=2e-3, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(weighted.log_probs), target, rtol=0, atol=1e-6)
+    assert float(weighted_metrics["ddpg/ess"]) < 1.0
