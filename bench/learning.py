@@ -232,9 +232,11 @@ def run_variant(task: Task, variant: Variant, seeds: Sequence[int], budget: int,
                         "reward": metrics["reward/mean"],
                         "reward_balanced": balanced_reward(metrics),
                         "reward_worst_prompt": min(prompt_means(metrics)),
-                        # herd's truncated weights on the replayed rows: effective sample size and mean (NaN otherwise)
+                        # herd's truncated or weighted correction on the replayed rows: the weights'
+                        # effective sample size, mean and largest value (NaN otherwise)
                         "replay_ess": float(metrics.get("herd/ess", math.nan)),
                         "replay_weight_mean": float(metrics.get("herd/weight_mean", math.nan)),
+                        "replay_weight_max": float(metrics.get("herd/weight_max", math.nan)),
                         "seconds": time.perf_counter() - start,
                         "stopped": False,
                     }
@@ -370,7 +372,7 @@ def report(records: list[dict[str, Any]], args: argparse.Namespace, out: pathlib
 
 def read_csv(path: pathlib.Path) -> list[dict[str, Any]]:
     """Records written by an earlier run (numbers parsed back; CSVs from before `trajectories` lack it)."""
-    types = {"seed": int, "epoch": int, "queries": int, "trajectories": int, "reward": float, "reward_balanced": float, "reward_worst_prompt": float, "replay_ess": float, "replay_weight_mean": float, "seconds": float}
+    types = {"seed": int, "epoch": int, "queries": int, "trajectories": int, "reward": float, "reward_balanced": float, "reward_worst_prompt": float, "replay_ess": float, "replay_weight_mean": float, "replay_weight_max": float, "seconds": float}
     records = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -381,8 +383,10 @@ def read_csv(path: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def write_csv(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
+    """Every column any record has (older CSVs lack some: "nan" there)."""
+    fields = list(dict.fromkeys(k for r in records for k in r))
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="nan")
         writer.writeheader()
         writer.writerows(records)
 
