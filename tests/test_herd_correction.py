@@ -113,31 +113,43 @@ def jitted_prepare(herd_setup):
     return get
 
 
-def test_truncated_weight_is_one_for_the_same_goal_and_params(herd_setup):
+TRUNCATED = ("herd.correction='truncated'", "herd.rho_bar=5.0")  # ρ̄ > 1: a weight above 1 would show
+
+
+def _replayed_sources(fresh, batch) -> list[int]:
+    """The fresh row each replayed row copies (the same latents): its behaviour log-probs are that row's."""
+    latents = np.asarray(fresh.latents)
+    return [int(np.flatnonzero((latents == np.asarray(row)).all(axis=tuple(range(1, latents.ndim))))[0]) for row in batch.latents[len(latents):]]
+
+
+def test_truncated_weight_is_one_for_the_same_goal_and_params(herd_setup, jitted_prepare):
     """c′ = c and unchanged params: π_θk(·|c′) = π_b(·|c), every weight 1 (ESS 1)."""
-    make, fresh, frozen, params = herd_setup
-    alg = make("herd.correction='truncated'", "herd.rho_bar=5.0")
+    _, fresh, frozen, params = herd_setup
+    init, prepare = jitted_prepare(*TRUNCATED)
     queries = Queries(jnp.arange(4, dtype=jnp.int32), fresh.goal, jnp.ones(4, bool))
-    _, _, _, metrics = jax.jit(alg.prepare)(alg.init(), stats.init(3, 4), fresh, queries, fresh.reward, params, frozen, jnp.int32(0), jax.random.PRNGKey(0))
+    _, _, _, metrics = prepare(init(), stats.init(3, 4), fresh, queries, fresh.reward, params, frozen, jnp.int32(0), jax.random.PRNGKey(0))
     assert float(metrics["herd/ess"]) == pytest.approx(1.0, abs=1e-4)
     assert float(metrics["herd/weight_mean"]) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_truncated_correction_scales_replayed_advantages_by_the_weights(herd_setup, jitted_prepare):
-    """Under another goal the replayed rows' advantages are recompute's times min(ρ̄, ratio) per step."""
+def test_truncated_correction_scales_replayed_advantages_by_the_weights(herd_setup, jitted_prepare, tiny_policy):
+    """Under another goal the replayed rows' advantages are recompute's times min(ρ̄, ratio) per
+    step (ratio from the recorded and recomputed log-probs in float64); fresh rows unchanged."""
     _, fresh, frozen, params = herd_setup
     other = jnp.asarray([2, 2, 0, 1])
     queries = Queries(jnp.arange(4, dtype=jnp.int32), other, jnp.ones(4, bool))
     out = {}
-    for correction, overrides in (("recompute", ("herd.correction='recompute'",)), ("truncated", ("herd.correction='truncated'", "herd.rho_bar=1.0"))):
+    for correction, overrides in (("recompute", ("herd.correction='recompute'",)), ("truncated", TRUNCATED)):
         init, prepare = jitted_prepare(*overrides)
         out[correction] = prepare(init(), stats.init(3, 4), fresh, queries, jnp.asarray([0.2, 0.4, 0.6, 0.8]), params, frozen, jnp.int32(0), jax.random.PRNGKey(0))
     rec, trunc = out["recompute"][0], out["truncated"][0]
     np.testing.assert_array_equal(np.asarray(rec.advantages[:4]), np.asarray(trunc.advantages[:4]))  # fresh rows: weight 1
     np.testing.assert_array_equal(np.asarray(rec.log_probs), np.asarray(trunc.log_probs))  # same clip reference
-    a, b = np.asarray(rec.advantages[4:]), np.asarray(trunc.advantages[4:])
-    assert (np.abs(b) <= np.abs(a) + 1e-7).all() and (np.sign(b) * np.sign(a) >= 0).all()  # ρ̄ = 1: shrunk, never flipped
-    assert float(out["truncated"][3]["herd/ess"]) < 1.0  # another goal: unequal weights
+    num_dims = int(np.prod(tiny_policy.latent_shape))
+    raw = np.exp(num_dims * (np.asarray(trunc.log_probs[4:], np.float64) - np.asarray(fresh.log_probs, np.float64)[_replayed_sources(fresh, trunc)]))
+    a, b = np.asarray(rec.advantages[4:], np.float64), np.asarray(trunc.advantages[4:], np.float64)
+    np.testing.assert_allclose(b, a * np.minimum(5.0, raw), rtol=2e-3, atol=1e-6)
+    assert (raw < 1).any() and float(out["truncated"][3]["herd/ess"]) < 1.0  # another goal: unequal weights
 
 
 def test_self_normalised_correction_weights_whole_replayed_trajectories(herd_setup, jitted_prepare, tiny_policy):
@@ -153,8 +165,7 @@ def test_self_normalised_correction_weights_whole_replayed_trajectories(herd_set
     (plain, *_), (batch, _, _, metrics) = run(recompute, other), run(weighted, other)
     np.testing.assert_array_equal(np.asarray(plain.advantages[:4]), np.asarray(batch.advantages[:4]))
     np.testing.assert_array_equal(np.asarray(plain.log_probs), np.asarray(batch.log_probs))  # the clip's reference: recompute's
-    # Each replayed row is a copy of one fresh row (same latents): its behaviour log-probs are that row's.
-    source = [int(np.flatnonzero((np.asarray(fresh.latents) == np.asarray(batch.latents[4 + i])).all(axis=tuple(range(1, fresh.latents.ndim))))[0]) for i in range(4)]
+    source = _replayed_sources(fresh, batch)
     num_dims = int(np.prod(tiny_policy.latent_shape))
     log_rho = num_dims * (np.asarray(batch.log_probs[4:], np.float64) - np.asarray(fresh.log_probs, np.float64)[source]).sum(axis=1)
     expected = np.exp(log_rho - log_rho.max()) / np.exp(log_rho - log_rho.max()).mean()
