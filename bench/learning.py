@@ -35,8 +35,10 @@ Notes (measured on the tiny model, 2 CPU cores):
   colour score still moves by < 0.005. Goal-conditional colour has to be learned from nothing,
   and in 1920-2880 trajectories no method does (README: the 8-seed table, the lr sweep, pilots).
   On a text-conditional start (bench/conditional_pretrain.py --colors orange blue, then
-  `--set model=DIR --set train.trainable=lora`) replay learns both tasks and relabeling does not
-  add to it (README, 2026-12-03); full fine-tuning erases that start at every lr tried.
+  `--set model=DIR --set train.trainable=lora`) replay learnt both tasks and relabeling did not
+  add to it (README, 2026-12-03); full fine-tuning erases that start at every lr tried. A second
+  start from the same command on another CPU has half the caption dependence, and there nothing
+  learns, replay included (README, 2026-12-08): the outcome hinges on the start.
 - Noisy updates drift the policy on their own: with shuffled advantages JPEG compressibility
   still rises by ~0.02-0.04 in 30 epochs (incompressibility falls as much). tests/learning_check.py
   therefore compares each run with one trained on −r.
@@ -45,8 +47,9 @@ Notes (measured on the tiny model, 2 CPU cores):
   separates replay from relabeling. Over 8 seeds (2026-12-07) it ends highest and reaches ddpo's
   final with fewer queries than herd (colour 11% vs 28%, JPEG 69% vs not reached): on these tasks
   a relabeled copy has the same reward as its original, so its query buys nothing; at lr 1e-2
-  `herd.correction=truncated` weights most replayed rows near 0 (mean weight 0.16-0.21); the
-  README has the table. dpok at DPOK's KL weight 0.01 stays near the pretrained
+  `herd.correction=truncated` weights most replayed rows near 0 (mean weight 0.16-0.21) and
+  `weighted`'s self-normalised trajectory weights put the replayed half on one or two rows (ESS
+  0.06-0.14); the README has the table. dpok at DPOK's KL weight 0.01 stays near the pretrained
   policy (the KL term is doing its job); the preset uses 1e-3.
 
 Examples:
