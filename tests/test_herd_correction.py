@@ -22,6 +22,12 @@ def _numpy_log_density(x, mean, std):
     return per_dim.reshape(len(x), -1).sum(axis=1)
 
 
+def _self_normalised(log_rho):
+    """ρ_i / mean_j ρ_j from float64 log-ratios (shifted by the largest: ρ itself may overflow)."""
+    rho = np.exp(log_rho - log_rho.max())
+    return rho / rho.mean()
+
+
 def test_truncated_weights_equal_float64_density_ratios_and_truncate():
     """Hand-made Gaussian policies: the weights from DDPO's mean-reduced log-probs equal
     min(ρ̄, N(x; μ_target, σ) / N(x; μ_b, σ)) from full float64 densities."""
@@ -168,7 +174,7 @@ def test_self_normalised_correction_weights_whole_replayed_trajectories(herd_set
     source = _replayed_sources(fresh, batch)
     num_dims = int(np.prod(tiny_policy.latent_shape))
     log_rho = num_dims * (np.asarray(batch.log_probs[4:], np.float64) - np.asarray(fresh.log_probs, np.float64)[source]).sum(axis=1)
-    expected = np.exp(log_rho - log_rho.max()) / np.exp(log_rho - log_rho.max()).mean()
+    expected = _self_normalised(log_rho)
     a, b = np.asarray(plain.advantages[4:], np.float64), np.asarray(batch.advantages[4:], np.float64)
     np.testing.assert_allclose(b, a * expected[:, None], rtol=2e-3, atol=1e-6)
     assert expected.max() > 1.05 and float(metrics["herd/ess"]) < 1.0  # another goal: unequal weights
@@ -279,7 +285,7 @@ def test_ddpg_truncated_weights_pretrained_epochs(herd_setup, tiny_policy):
     # `weighted`: one weight per trajectory, its full ratio over the batch's mean.
     weighted, _, _, weighted_metrics = prepared("ddpg.correction='weighted'")(moved)
     log_rho = num_dims * (target - np.asarray(fresh.log_probs, np.float64)).sum(axis=1)
-    w = np.exp(log_rho - log_rho.max()) / np.exp(log_rho - log_rho.max()).mean()
+    w = _self_normalised(log_rho)
     assert w.max() > 1.05
     np.testing.assert_allclose(np.asarray(weighted.advantages), np.asarray(plain.advantages) * w[:, None], rtol=2e-3, atol=1e-7)
     np.testing.assert_allclose(np.asarray(weighted.log_probs), target, rtol=0, atol=1e-6)
